@@ -1,0 +1,193 @@
+"""The node's one typed configuration object.
+
+Values come, in increasing priority, from the embedded defaults, a TOML file
+(``--config FILE`` or ``BRAIN3D_CONFIG``) and environment variables named
+``BRAIN3D_<SECTION>__<KEY>`` (lists and tables as JSON). The embedded defaults
+need no services: SQLite and the spool under ``./var``, Celery on kombu's
+SQLAlchemy transport over SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "BRAIN3D_CONFIG"
+ENV_PREFIX = "BRAIN3D_"
+DEFAULT_VAR_DIR = Path("var")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; its message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """The DICOM application entity this node presents."""
+
+    ae_title: str = Field("BRAIN3D", min_length=1, max_length=16)
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list, description="Calling AE titles accepted; empty accepts any."
+    )
+    max_associations: int = Field(25, ge=1)
+    max_pdu_size: int = Field(0, ge=0, description="0 means unlimited, as large PDUs are fastest.")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_is_valid(cls, value: str) -> str:
+        if value != value.strip() or "\\" in value or not value.isascii():
+            raise ValueError("must be ASCII without backslash or surrounding spaces")
+        return value
+
+
+class StorageSettings(_Section):
+    """Where received instances and produced SRs are kept on disk."""
+
+    spool_dir: Path = DEFAULT_VAR_DIR / "spool"
+    min_free_bytes: int = Field(1 << 30, ge=0)
+    retention_hours: float = Field(
+        168.0, ge=0, description="Spooled series whose jobs ended are removed after this long."
+    )
+
+
+class DatabaseSettings(_Section):
+    """The SQL database that is the source of truth."""
+
+    url: str = f"sqlite:///{DEFAULT_VAR_DIR / 'brain3d.db'}"
+    audit_key_file: Path = DEFAULT_VAR_DIR / "audit.key"
+    audit_key: str | None = Field(
+        None, description="HMAC key for the audit chain; overrides audit_key_file when set."
+    )
+
+
+class QueueSettings(_Section):
+    """The Celery broker and result backend."""
+
+    broker_url: str = f"sqla+sqlite:///{DEFAULT_VAR_DIR / 'broker.db'}"
+    result_backend: str = f"db+sqlite:///{DEFAULT_VAR_DIR / 'results.db'}"
+    polling_interval: float = Field(0.2, gt=0)
+
+
+class CompletionSettings(_Section):
+    """When a series counts as complete."""
+
+    stable_seconds: float = Field(10.0, gt=0)
+    check_interval: float = Field(0.5, gt=0)
+
+
+class RoutingRule(_Section):
+    """A site rule: series matching every given header value are forced in or out."""
+
+    action: Literal["include", "exclude"]
+    match: dict[str, str] = Field(min_length=1)
+    reason: str = ""
+
+
+class RoutingSettings(_Section):
+    """Which series Brain3D reads."""
+
+    rules: list[RoutingRule] = Field(default_factory=list)
+    min_inversion_time_ms: float = 1500.0
+    min_echo_time_ms: float = 70.0
+    min_repetition_time_ms: float = 4000.0
+
+
+class Destination(_Section):
+    """A DICOM peer that receives the Structured Reports."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(min_length=1, max_length=16)
+    name: str = ""
+
+
+class ModelSettings(_Section):
+    """The Brain3D checkpoint the workers run."""
+
+    path: Path = Path(__file__).resolve().parent.parent / "inference" / "checkpoints" / "demo"
+    device: str = "auto"
+    max_new_tokens: int = Field(160, ge=1)
+
+
+class Settings(BaseSettings):
+    """The effective configuration of a node, its workers and its tools."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    queue: QueueSettings = QueueSettings()
+    completion: CompletionSettings = CompletionSettings()
+    routing: RoutingSettings = RoutingSettings()
+    destinations: list[Destination] = Field(default_factory=list)
+    model: ModelSettings = ModelSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get(CONFIG_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+        return tuple(sources)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(root)"
+    return f"configuration key '{key}': {first['msg']}"
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load the effective settings, raising ConfigError with one readable line."""
+    path = Path(config_file) if config_file else None
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    previous = os.environ.get(CONFIG_ENV)
+    try:
+        if path is not None:
+            if not path.is_file():
+                raise ConfigError(f"configuration file {path} does not exist")
+            try:
+                tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+            os.environ[CONFIG_ENV] = str(path)
+        try:
+            return Settings(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+        except ValueError as exc:  # malformed JSON in an environment variable
+            raise ConfigError(f"configuration: {exc}".splitlines()[0]) from None
+    finally:
+        if previous is None:
+            os.environ.pop(CONFIG_ENV, None)
+        else:
+            os.environ[CONFIG_ENV] = previous

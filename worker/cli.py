@@ -1,0 +1,15 @@
+"""The ``brain3d`` console script: assembles the commands of every package."""
+
+from __future__ import annotations
+
+import typer
+
+from dicom_node import cli as node_cli
+
+app = typer.Typer(
+    name="brain3d",
+    help="Brain3D Node: a DICOM node that reads brain FLAIR MRI and returns Structured Reports.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+node_cli.register(app)
