@@ -10,6 +10,7 @@ from dicom_node.db.models import (
     JobState,
     Series,
     SeriesState,
+    StructuredReport,
     Study,
 )
 from dicom_node.db.session import Database
@@ -25,5 +26,6 @@ __all__ = [
     "JobState",
     "Series",
     "SeriesState",
+    "StructuredReport",
     "Study",
 ]

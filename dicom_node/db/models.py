@@ -170,9 +170,32 @@ class Job(Base):
     sr_built_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # What ran and what it said: the SR codes come from parsing report_text, never elsewhere.
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    input_hash: Mapped[str | None] = mapped_column(String(64))
+    report_text: Mapped[str | None] = mapped_column(Text)
+    findings_json: Mapped[str | None] = mapped_column(Text)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job")
+    reports: Mapped[list[StructuredReport]] = relationship(back_populates="job")
+
+
+class StructuredReport(Base):
+    """An SR the node produced; its bytes are persisted so that re-delivery resends them exactly."""
+
+    __tablename__ = "structured_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # narrative, measurement, not_analysed
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="reports")
 
 
 class Delivery(Base):
