@@ -63,6 +63,8 @@ class StorageSettings(_Section):
     retention_hours: float = Field(
         168.0, ge=0, description="Spooled series whose jobs ended are removed after this long."
     )
+    work_dir: Path = DEFAULT_VAR_DIR / "work"
+    reports_dir: Path = DEFAULT_VAR_DIR / "reports"
 
 
 class DatabaseSettings(_Section):
@@ -81,6 +83,30 @@ class QueueSettings(_Section):
     broker_url: str = f"sqla+sqlite:///{DEFAULT_VAR_DIR / 'broker.db'}"
     result_backend: str = f"db+sqlite:///{DEFAULT_VAR_DIR / 'results.db'}"
     polling_interval: float = Field(0.2, gt=0)
+
+
+class WorkerSettings(_Section):
+    """How jobs run: time limits, attempts, heartbeats and the reconciler."""
+
+    soft_time_limit_s: float = Field(600.0, gt=0)
+    hard_time_limit_s: float = Field(900.0, gt=0)
+    max_attempts: int = Field(3, ge=1, description="Interrupted starts of one step before the job fails.")
+    heartbeat_s: float = Field(5.0, gt=0)
+    stale_after_s: float = Field(30.0, gt=0, description="A running job without a heartbeat this long is re-run.")
+    reconcile_every_s: float = Field(10.0, gt=0)
+
+
+class DeliverySettings(_Section):
+    """How produced SRs leave the node."""
+
+    shadow_mode: bool = Field(False, description="Process and keep SRs locally; deliver nothing.")
+    max_retries: int = Field(30, ge=0)
+    retry_backoff_s: float = Field(2.0, gt=0)
+    retry_backoff_max_s: float = Field(30.0, gt=0)
+    allow_demo_model: bool = Field(
+        False, description="Allow the synthetic demo model's SRs to reach destinations off loopback."
+    )
+    not_analysed_report: bool = Field(False, description="Send a short SR when a series is not analysed.")
 
 
 class CompletionSettings(_Section):
@@ -141,7 +167,9 @@ class Settings(BaseSettings):
     completion: CompletionSettings = CompletionSettings()
     routing: RoutingSettings = RoutingSettings()
     destinations: list[Destination] = Field(default_factory=list)
+    delivery: DeliverySettings = DeliverySettings()
     model: ModelSettings = ModelSettings()
+    worker: WorkerSettings = WorkerSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -2,7 +2,15 @@
 
 It imports nothing of ours but the configuration, so that the node can enqueue
 ``brain3d.run_job`` by name without importing the worker's task code (which lives in
-the other ``worker`` modules and is loaded by ``include``).
+``worker.tasks`` and is loaded by ``include``).
+
+Reliability settings, and why:
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker dies goes back
+  to the queue instead of being lost (Redis); kombu's SQL transport never redelivers, so the
+  reconciler (``worker.reconciler``) re-enqueues from SQL, which is the source of truth.
+- prefetch 1: a long inference never holds other jobs hostage in a worker's buffer.
+- visibility timeout longer than the hard time limit, retry countdowns shorter than it:
+  Redis never redelivers a task that is still legitimately running.
 """
 
 from __future__ import annotations
@@ -17,6 +25,16 @@ from dicom_node.config import Settings, load_settings
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
 RUN_JOB_TASK = "brain3d.run_job"
+INFER_TASK = "brain3d.infer"
+BUILD_REPORTS_TASK = "brain3d.build_reports"
+DELIVER_TASK = "brain3d.deliver"
+
+TASK_QUEUES = {
+    RUN_JOB_TASK: CPU_QUEUE,  # claims the job and converts the series
+    INFER_TASK: GPU_QUEUE,
+    BUILD_REPORTS_TASK: CPU_QUEUE,
+    DELIVER_TASK: CPU_QUEUE,  # a slow PACS never holds a GPU
+}
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -26,16 +44,28 @@ def create_app(settings: Settings | None = None) -> Celery:
     if broker.startswith("sqla+sqlite:///"):
         # kombu's SQLAlchemy transport does not create the folder of its SQLite file.
         Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    app = Celery("brain3d", broker=broker, backend=settings.queue.result_backend)
+    hard_limit = settings.worker.hard_time_limit_s
+    app = Celery("brain3d", broker=broker, backend=settings.queue.result_backend, include=["worker.tasks"])
     app.conf.update(
         task_queues=[Queue(CPU_QUEUE), Queue(GPU_QUEUE)],
         task_default_queue=CPU_QUEUE,
-        task_routes={RUN_JOB_TASK: {"queue": CPU_QUEUE}},
-        broker_transport_options={"polling_interval": settings.queue.polling_interval},
+        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.worker.soft_time_limit_s,
+        task_time_limit=hard_limit,
+        broker_transport_options={
+            "polling_interval": settings.queue.polling_interval,
+            "visibility_timeout": int(hard_limit * 2),
+        },
+        task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
         enable_utc=True,
         broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
     )
+    app.conf.brain3d_settings = settings
     return app
