@@ -2,10 +2,16 @@
 
 ``render(findings) -> text`` writes a TextBraTS-style report and ``parse(text) -> findings``
 reads one back; the worker codes the SR's findings from ``parse`` of the generated text.
+
+Rendering varies wording and sentence order (so a model cannot score by copying one
+template), but every variant of a given ``Findings`` carries the same set of the paper's
+metric keywords: the keyword metric then measures content, not phrasing luck.
 """
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -43,3 +49,214 @@ class Findings:
     ventricular_compression: bool = False
     midline_shift: bool = False
     size: Size | None = None
+
+
+NORMAL = Findings(abnormal=False)
+
+#: Healthy reports: fixed sentences that contain none of the paper's keywords.
+NORMAL_SENTENCES = (
+    "No focal abnormality is seen in the brain parenchyma.",
+    "The brain shows normal signal intensity without focal abnormality.",
+    "No abnormal FLAIR signal is identified in the brain.",
+)
+
+# --------------------------------------------------------------------------- render
+
+_SIZE_WORDS = {
+    Size.SMALL: ("small",),
+    Size.MEDIUM: ("medium-sized", "moderate-sized"),
+    Size.LARGE: ("large", "extensive"),
+}
+
+# Each alternative of one finding carries the same metric keywords (tested).
+_EDEMA = {
+    True: (
+        "Surrounding edema is present.",
+        "There is perilesional edema.",
+        "The lesion is surrounded by edema.",
+    ),
+    False: (
+        "No surrounding edema is seen.",
+        "There is no perilesional edema.",
+        "Edema is not seen.",
+    ),
+}
+_NECROSIS = {
+    True: (
+        "Central necrosis is noted.",
+        "There is necrosis within the lesion.",
+        "The lesion contains areas of necrosis.",
+    ),
+    False: (
+        "No necrosis is seen.",
+        "There is no evidence of necrosis.",
+        "Necrosis is not identified.",
+    ),
+}
+_COMPRESSION = {
+    True: (
+        "There is compression of the adjacent ventricle.",
+        "The adjacent lateral ventricle shows compression.",
+        "Compression of the ventricle is seen.",
+    ),
+    False: (
+        "There is no ventricular compression.",
+        "No compression of the ventricular system is seen.",
+        "The ventricular system shows no compression.",
+    ),
+}
+_ENHANCEMENT = (
+    "Peripheral enhancement is present.",
+    "There is rim enhancement at the lesion margin.",
+)
+_MIDLINE_SHIFT = (
+    "Mass effect causes midline shift.",
+    "There is midline shift due to mass effect.",
+)
+
+
+def _join_and(words: list[str]) -> str:
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _location_phrase(findings: Findings, rng: random.Random) -> str:
+    """E.g. 'left frontal and parietal lobes', 'right cerebellum', 'bilateral occipital lobe'."""
+    cerebral = [lobe.value for lobe in findings.lobes if lobe is not Lobe.CEREBELLUM]
+    rng.shuffle(cerebral)
+    parts = []
+    if cerebral:
+        parts.append(_join_and(cerebral) + (" lobe" if len(cerebral) == 1 else " lobes"))
+    if Lobe.CEREBELLUM in findings.lobes:
+        parts.append("cerebellum")
+    where = " and ".join(parts) if parts else "hemisphere" if findings.side else "brain"
+    if findings.side is Side.BILATERAL and where == "hemisphere":
+        where = "hemispheres"
+    side = f"{findings.side.value} " if findings.side else ""
+    return f"the {side}{where}"
+
+
+def _location_sentence(findings: Findings, rng: random.Random) -> str:
+    size = f"{rng.choice(_SIZE_WORDS[findings.size])} " if findings.size else ""
+    article = "An" if size[:1] in ("a", "e", "i", "o", "u") else "A"
+    lower_article = article.lower()
+    where = _location_phrase(findings, rng)
+    crossing = " crossing the midline" if findings.side is Side.BILATERAL else ""
+    templates = (
+        f"{article} {size}lesion with hyperintense FLAIR signal is seen in {where}{crossing}.",
+        f"There is {lower_article} {size}FLAIR-hyperintense lesion involving {where}{crossing}.",
+        f"{article} {size}lesion of high FLAIR signal occupies {where}{crossing}.",
+    )
+    return rng.choice(templates)
+
+
+class _FirstChoice(random.Random):
+    """The ``rng`` used when none is given: always the first wording, never reorders."""
+
+    def choice(self, seq):  # type: ignore[override]
+        return seq[0]
+
+    def shuffle(self, x, random=None) -> None:  # type: ignore[override]
+        return None
+
+
+def render(findings: Findings, rng: random.Random | None = None) -> str:
+    """Write a TextBraTS-style report; ``rng`` picks wording and order (None: first variants).
+
+    The location sentence comes first; edema, necrosis, enhancement, ventricular compression
+    and midline shift follow in an order drawn from ``rng``."""
+    rng = rng or _FirstChoice()
+    if not findings.abnormal:
+        return rng.choice(NORMAL_SENTENCES)
+    rest = [rng.choice(_EDEMA[findings.edema]), rng.choice(_NECROSIS[findings.necrosis])]
+    if findings.enhancement:
+        rest.append(rng.choice(_ENHANCEMENT))
+    rest.append(rng.choice(_COMPRESSION[findings.ventricular_compression]))
+    if findings.midline_shift:
+        rest.append(rng.choice(_MIDLINE_SHIFT))
+    rng.shuffle(rest)
+    return " ".join([_location_sentence(findings, rng), *rest])
+
+
+# --------------------------------------------------------------------------- parse
+
+_LESION = r"lesions?|mass(?:es)?|tumou?rs?|gliomas?|neoplasms?|abnormal(?:ity|ities)?|hyperintens\w*"
+_TERMS: dict[str, str] = {
+    "lesion": _LESION,
+    "edema": r"o?edema(?:s|ta)?|oedematous|edematous|swelling",
+    "necrosis": r"necros[ie]s|necrotic",
+    "enhancement": r"enhanc\w*",
+    "ventricular_compression": r"compress\w*|efface\w*",
+    "midline_shift": r"midline\s+shift|shift\s+of\s+the\s+midline|subfalcine\s+herniation",
+    "left": r"left(?:-sided)?",
+    "right": r"right(?:-sided)?",
+    "bilateral": r"bilateral(?:ly)?|both\s+hemispheres|crossing\s+the\s+midline|crosses\s+the\s+midline",
+    "frontal": r"frontal|fronto\w*|prefrontal",
+    "parietal": r"parietal|parieto\w*",
+    "temporal": r"temporal|temporo\w*",
+    "occipital": r"occipital|occipito\w*",
+    "cerebellum": r"cerebell\w*",
+    "small": r"small|tiny",
+    "medium": r"medium(?:-sized)?|moderate(?:-sized|ly\s+sized)?|intermediate-sized",
+    "large": r"large|extensive|big|huge",
+}
+# 'fronto-parietal' style compounds name two lobes: the prefix rules above catch the first,
+# this catches the second half.
+_COMPOUND = re.compile(r"\b(fronto|parieto|temporo|occipito)-?(frontal|parietal|temporal|occipital)\b")
+_TERM_RE = re.compile("|".join(f"(?P<{name}>\\b(?:{rx})\\b)" for name, rx in _TERMS.items()))
+_PRE_NEGATION = re.compile(
+    r"\b(?:no|not|without|absence\s+of|negative\s+for|free\s+of|neither|nor|never|rather\s+than)\b"
+)
+_POST_NEGATION = re.compile(
+    r"\b(?:is|are|was|were)\s+(?:not\s+(?:seen|identified|observed|present|noted|evident|detected)|absent)\b"
+    r"|\bnot\s+(?:seen|identified|observed|present|detected)\b"
+)
+_CLAUSE_SPLIT = re.compile(r"[.;:,!?()\n]|\b(?:but|however|while|whereas|with|and\s+there\s+is)\b")
+
+
+def _asserted_terms(text: str) -> set[str]:
+    """Term names asserted positively: negation cues cancel terms after them in a clause,
+    and 'is not seen'-style cues cancel the terms before them."""
+    text = _COMPOUND.sub(r"\1 \2", text.lower())
+    asserted: set[str] = set()
+    for clause in _CLAUSE_SPLIT.split(text):
+        if not clause or not clause.strip():
+            continue
+        pre = _PRE_NEGATION.search(clause)
+        negated_from = pre.start() if pre else len(clause)
+        post = _POST_NEGATION.search(clause)
+        negated_until = post.start() if post else -1
+        for match in _TERM_RE.finditer(clause):
+            if match.start() >= negated_from or match.start() < negated_until:
+                continue
+            asserted.add(match.lastgroup or "")
+    return asserted
+
+
+def parse(text: str) -> Findings:
+    """Read findings from free text; robust to plurals, negation, synonyms and order."""
+    terms = _asserted_terms(text)
+    pathology = {"edema", "necrosis", "enhancement", "ventricular_compression", "midline_shift"}
+    if not terms & ({"lesion"} | pathology):
+        return NORMAL
+    if "bilateral" in terms or {"left", "right"} <= terms:
+        side: Side | None = Side.BILATERAL
+    elif "left" in terms:
+        side = Side.LEFT
+    elif "right" in terms:
+        side = Side.RIGHT
+    else:
+        side = None
+    sizes = [size for size in (Size.LARGE, Size.MEDIUM, Size.SMALL) if size.value in terms]
+    return Findings(
+        abnormal=True,
+        side=side,
+        lobes=frozenset(lobe for lobe in Lobe if lobe.value in terms),
+        edema="edema" in terms,
+        necrosis="necrosis" in terms,
+        enhancement="enhancement" in terms,
+        ventricular_compression="ventricular_compression" in terms,
+        midline_shift="midline_shift" in terms,
+        size=sizes[0] if sizes else None,
+    )

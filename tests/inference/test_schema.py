@@ -1,0 +1,95 @@
+"""Report schema: render/parse round trip, keyword invariance across wordings, parser robustness."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inference.metrics import PAPER_KEYWORDS, keyword_set
+from inference.report_schema import NORMAL, NORMAL_SENTENCES, Findings, Lobe, Side, Size, parse, render
+
+ALL_KEYWORDS = tuple(word for words in PAPER_KEYWORDS.values() for word in words)
+
+lesional_findings = st.builds(
+    Findings,
+    abnormal=st.just(True),
+    side=st.none() | st.sampled_from(Side),
+    lobes=st.frozensets(st.sampled_from(Lobe)),
+    edema=st.booleans(),
+    necrosis=st.booleans(),
+    enhancement=st.booleans(),
+    ventricular_compression=st.booleans(),
+    midline_shift=st.booleans(),
+    size=st.none() | st.sampled_from(Size),
+)
+any_findings = st.just(NORMAL) | lesional_findings
+
+
+@settings(max_examples=2000, deadline=None)
+@given(findings=any_findings, seed=st.integers(0, 2**32 - 1))
+def test_parse_inverts_render(findings: Findings, seed: int) -> None:
+    assert parse(render(findings, random.Random(seed))) == findings
+
+
+@settings(max_examples=300, deadline=None)
+@given(findings=any_findings)
+def test_wording_never_changes_the_metric_keywords(findings: Findings) -> None:
+    keyword_sets = {keyword_set(render(findings, random.Random(seed)), ALL_KEYWORDS) for seed in range(40)}
+    texts = {render(findings, random.Random(seed)) for seed in range(40)}
+    assert len(keyword_sets) == 1
+    if findings.abnormal:
+        assert len(texts) > 1, "wording and order must vary"
+
+
+def test_healthy_sentences_carry_no_metric_keyword() -> None:
+    for sentence in NORMAL_SENTENCES:
+        assert keyword_set(sentence, ALL_KEYWORDS) == frozenset()
+        assert parse(sentence) == NORMAL
+
+
+def test_default_render_is_deterministic() -> None:
+    findings = Findings(True, Side.LEFT, frozenset({Lobe.FRONTAL}), edema=True, size=Size.SMALL)
+    assert render(findings) == render(findings)
+    assert render(findings).startswith("A small lesion")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "Tumors in the right temporal lobes with oedema, no necrosis.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.TEMPORAL}), edema=True),
+        ),
+        (
+            "Left fronto-parietal mass without necrosis but with extensive edema; ventricles effaced.",
+            Findings(
+                True,
+                Side.LEFT,
+                frozenset({Lobe.FRONTAL, Lobe.PARIETAL}),
+                edema=True,
+                ventricular_compression=True,
+                size=Size.LARGE,
+            ),
+        ),
+        (
+            "Necrotic lesions crossing the midline in both frontal lobes. Edema is absent.",
+            Findings(True, Side.BILATERAL, frozenset({Lobe.FRONTAL}), necrosis=True),
+        ),
+        (
+            "There is no edema. The ventricles are not compressed. A small enhancing glioma, left "
+            "cerebellar.",
+            Findings(True, Side.LEFT, frozenset({Lobe.CEREBELLUM}), enhancement=True, size=Size.SMALL),
+        ),
+        ("No mass, no edema and no midline shift.", NORMAL),
+        ("Unremarkable study. Brain parenchyma of normal signal.", NORMAL),
+        (
+            "Midline shift due to mass effect from a right occipital lesion.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.OCCIPITAL}), midline_shift=True),
+        ),
+    ],
+)
+def test_parse_handles_plurals_negation_synonyms_and_order(text: str, expected: Findings) -> None:
+    assert parse(text) == expected
