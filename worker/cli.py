@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dicom_node import cli as node_cli
+from worker import commands as worker_commands
 
 app = typer.Typer(
     name="brain3d",
@@ -13,3 +14,4 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 node_cli.register(app)
+worker_commands.register(app)

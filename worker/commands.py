@@ -1,0 +1,128 @@
+"""The worker's commands on ``brain3d``: ``worker``, ``jobs retry`` and ``jobs reconcile``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated
+
+import typer
+from sqlalchemy import update
+
+from dicom_node.audit import Action, EventID, Outcome
+from dicom_node.cli import ConfigOption, settings_or_exit
+from dicom_node.db import Job, JobState
+from dicom_node.db.migrate import upgrade
+from dicom_node.db.models import utcnow
+from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
+from worker.jobs import FINAL_STATES, JobBook
+from worker.reconciler import Reconciler, reconcile_once
+from worker.runtime import configure
+
+jobs_app = typer.Typer(help="Act on jobs: retry a failed one, re-enqueue what the broker lost.")
+
+
+def worker(
+    config: ConfigOption = None,
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues to consume.")
+    ] = f"{CPU_QUEUE},{GPU_QUEUE}",
+    concurrency: Annotated[int, typer.Option(help="Prefork child processes.")] = 1,
+    allow_demo_model: Annotated[
+        bool, typer.Option("--allow-demo-model", help="Let the synthetic demo model's SRs leave loopback.")
+    ] = False,
+    reconcile: Annotated[bool, typer.Option(help="Run the reconciler in this worker.")] = True,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker (prefork pool) with the model loaded once per child process."""
+    if allow_demo_model:
+        os.environ["BRAIN3D_DELIVERY__ALLOW_DEMO_MODEL"] = "true"
+    settings = settings_or_exit(config)
+    upgrade(settings.database.url)
+    os.environ["BRAIN3D_WORKER_QUEUES"] = queues
+    runtime = configure(settings)
+    app = create_app(settings)
+    reconciler = Reconciler(runtime, app) if reconcile else None
+    if reconciler is not None:
+        reconciler.start()
+    try:
+        app.worker_main(
+            [
+                "worker",
+                f"--queues={queues}",
+                "--pool=prefork",
+                f"--concurrency={concurrency}",
+                f"--loglevel={loglevel}",
+                f"--hostname=brain3d-{os.getpid()}@{socket.gethostname()}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        if reconciler is not None:
+            reconciler.stop()
+
+
+@jobs_app.command("retry")
+def retry(
+    job_id: Annotated[int, typer.Argument(help="The job to run again.")],
+    config: ConfigOption = None,
+) -> None:
+    """Re-run a failed (or not analysed) job from the start; audited."""
+    settings = settings_or_exit(config)
+    runtime = configure(settings)
+    book = JobBook(runtime)
+    try:
+        job = book.get(job_id)
+    except LookupError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    if job.state not in FINAL_STATES or job.state == JobState.SUCCEEDED:
+        typer.echo(
+            f"error: job {job_id} is {job.state.value}; only failed or not analysed jobs are retried",
+            err=True,
+        )
+        raise typer.Exit(2)
+    now = utcnow()
+    with runtime.database.session() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                state=JobState.QUEUED,
+                attempts=0,
+                error_reason=None,
+                heartbeat_at=None,
+                queued_at=now,
+                conversion_started_at=None,
+                conversion_finished_at=None,
+                inference_started_at=None,
+                inference_finished_at=None,
+                sr_built_at=None,
+                delivered_at=None,
+                finished_at=None,
+            )
+        )
+    runtime.audit.record(
+        EventID.APPLICATION_ACTIVITY,
+        Outcome.SUCCESS,
+        action=Action.UPDATE,
+        event_type="job-retry",
+        job_id=job_id,
+        detail={"previous_state": job.state.value, "previous_reason": job.error_reason},
+    )
+    create_app(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=CPU_QUEUE)
+    typer.echo(f"job {job_id} queued again")
+
+
+@jobs_app.command("reconcile")
+def reconcile_command(config: ConfigOption = None) -> None:
+    """Re-enqueue, once, jobs SQL holds as queued or running with a stale heartbeat."""
+    settings = settings_or_exit(config)
+    resent = reconcile_once(configure(settings), create_app(settings))
+    typer.echo(f"re-enqueued {len(resent)} job(s)" + (f": {', '.join(map(str, resent))}" if resent else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("worker")(worker)
+    app.add_typer(jobs_app, name="jobs")

@@ -1,0 +1,75 @@
+"""Stage 1 of a job (queue ``cpu``): spooled series -> geometry gate -> volume -> model input.
+
+The model input is written to the job's work folder so the inference stage, possibly on
+another machine reading the same shared filesystem, picks it up without the DICOM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from dicom_node.conversion import series_to_nifti
+from dicom_node.db import Instance, Job
+from worker.runtime import Runtime
+
+VOLUME_FILE = "volume.npy"
+
+
+@dataclass(frozen=True)
+class SourceInstances:
+    """The instances a job reads: the newest content received for each SOP Instance UID."""
+
+    paths: list[Path]
+    sop_instance_uids: list[str]
+    input_hash: str
+
+
+def source_instances(runtime: Runtime, job: Job) -> SourceInstances:
+    """The job's input, and a hash of its content that names the SRs derived from it."""
+    with runtime.database.session() as session:
+        rows = session.scalars(
+            select(Instance)
+            .where(Instance.series_id == job.series_id)
+            .order_by(Instance.received_at, Instance.id)
+        ).all()
+    newest: dict[str, Instance] = {}
+    for row in rows:  # later rows win: different content under one UID keeps the latest
+        newest[row.sop_instance_uid] = row
+    chosen = sorted(newest.values(), key=lambda row: row.sop_instance_uid)
+    digest = hashlib.sha256()
+    for row in chosen:
+        digest.update(f"{row.sop_instance_uid}:{row.sha256}\n".encode())
+    return SourceInstances(
+        paths=[Path(row.path) for row in chosen],
+        sop_instance_uids=[row.sop_instance_uid for row in chosen],
+        input_hash=digest.hexdigest(),
+    )
+
+
+def work_dir(runtime: Runtime, job_id: int) -> Path:
+    path = Path(runtime.settings.storage.work_dir) / f"job-{job_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def convert(runtime: Runtime, job: Job) -> SourceInstances:
+    """Convert the job's series and write the prepared model input; raises on bad geometry."""
+    from inference.configuration_brain3d import Brain3DConfig
+    from inference.preprocessing import prepare
+
+    sources = source_instances(runtime, job)
+    folder = work_dir(runtime, job.id)
+    image = series_to_nifti(sources.paths, folder)
+    config = Brain3DConfig.from_pretrained(runtime.settings.model.path)
+    volume = prepare(image, config)
+    np.save(folder / VOLUME_FILE, volume.numpy().astype(np.float32), allow_pickle=False)
+    return sources
+
+
+def load_volume(runtime: Runtime, job_id: int) -> np.ndarray:
+    return np.load(work_dir(runtime, job_id) / VOLUME_FILE, allow_pickle=False)

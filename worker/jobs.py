@@ -1,0 +1,207 @@
+"""Job bookkeeping in SQL: claims, step timestamps, heartbeats, attempts and final states.
+
+SQL is the source of truth, not the broker: every transition is a conditional UPDATE, so
+a duplicate or redelivered message can never move a job backwards or run a finished one.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from dicom_node.audit import Action, EventID, Outcome
+from dicom_node.db import Job, JobState, Series
+from dicom_node.db.models import utcnow
+from worker.runtime import Runtime
+
+logger = logging.getLogger("brain3d.worker")
+
+FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.NOT_ANALYSED)
+
+
+class Step(enum.StrEnum):
+    """The stages of a job, in order; each is one Celery task on its queue."""
+
+    CONVERT = "convert"
+    INFER = "infer"
+    BUILD_REPORTS = "build_reports"
+    DELIVER = "deliver"
+
+
+# The timestamps that say a step started and finished (build and deliver have one each).
+_STEP_COLUMNS: dict[Step, tuple[str | None, str]] = {
+    Step.CONVERT: ("conversion_started_at", "conversion_finished_at"),
+    Step.INFER: ("inference_started_at", "inference_finished_at"),
+    Step.BUILD_REPORTS: (None, "sr_built_at"),
+    Step.DELIVER: (None, "delivered_at"),
+}
+
+
+def next_step(job: Job) -> Step:
+    """The first step of ``job`` that has not finished."""
+    for step in Step:
+        if getattr(job, _STEP_COLUMNS[step][1]) is None:
+            return step
+    return Step.DELIVER
+
+
+class JobBook:
+    """Reads and moves jobs for one worker process, auditing every transition."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings.worker
+
+    def get(self, job_id: int) -> Job:
+        with self.runtime.database.session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise LookupError(f"job {job_id} does not exist")
+            session.expunge(job)
+            return job
+
+    def series_of(self, job: Job) -> Series:
+        with self.runtime.database.session() as session:
+            series = session.get(Series, job.series_id)
+            assert series is not None
+            _ = series.study
+            session.expunge_all()
+            return series
+
+    def claim(self, job_id: int) -> bool:
+        """Take a queued job for this worker; False when another worker has it or it ended."""
+        with self.runtime.database.session() as session:
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .values(state=JobState.RUNNING, heartbeat_at=utcnow())
+            ).rowcount
+        if not claimed:
+            logger.info("job %s not claimed: finished or running elsewhere", job_id)
+            return False
+        self.event(self.get(job_id), "job-started", Outcome.SUCCESS)
+        return True
+
+    def begin(self, job_id: int, step: Step) -> Job | None:
+        """Mark ``step`` started; None when the job is final or the step already done.
+
+        A step found started but not finished was interrupted (its worker died): that counts
+        as an attempt, and past ``max_attempts`` the job fails with that reason.
+        """
+        started_column, finished_column = _STEP_COLUMNS[step]
+        job = self.get(job_id)
+        if job.state in FINAL_STATES or getattr(job, finished_column) is not None:
+            return None
+        values: dict[str, Any] = {"state": JobState.RUNNING, "heartbeat_at": utcnow()}
+        if started_column is not None and getattr(job, started_column) is None:
+            values[started_column] = utcnow()
+            if step is Step.CONVERT:
+                values["attempts"] = max(job.attempts, 1)
+        elif started_column is not None:
+            values["attempts"] = Job.attempts + 1
+        with self.runtime.database.session() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+        job = self.get(job_id)
+        if job.attempts > self.settings.max_attempts:
+            self.finish(job_id, JobState.FAILED, f"{step} interrupted {job.attempts - 1} times (worker lost)")
+            return None
+        return job
+
+    def complete(self, job_id: int, step: Step, **values: Any) -> None:
+        """Record ``step`` finished, with any result columns in ``values``."""
+        values[_STEP_COLUMNS[step][1]] = utcnow()
+        with self.runtime.database.session() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow(), **values))
+
+    def finish(self, job_id: int, state: JobState, reason: str | None = None) -> None:
+        """End the job in a final state with its reason; a final job is never changed again."""
+        with self.runtime.database.session() as session:
+            changed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
+                .values(state=state, error_reason=reason, finished_at=utcnow())
+            ).rowcount
+        if changed:
+            outcome = {
+                JobState.SUCCEEDED: Outcome.SUCCESS,
+                JobState.NOT_ANALYSED: Outcome.MINOR_FAILURE,
+                JobState.FAILED: Outcome.SERIOUS_FAILURE,
+            }[state]
+            self.event(
+                self.get(job_id), f"job-{state.value}", outcome, {"reason": reason} if reason else None
+            )
+            logger.info("job %s ended %s%s", job_id, state.value, f": {reason}" if reason else "")
+
+    def event(self, job: Job, what: str, outcome: Outcome, detail: dict[str, Any] | None = None) -> None:
+        """Append a job event to the audit trail, naming the series by UID only."""
+        series = self.series_of(job)
+        self.runtime.audit.record(
+            EventID.DICOM_INSTANCES_ACCESSED,
+            outcome,
+            action=Action.EXECUTE,
+            event_type=what,
+            study_uid=series.study.study_instance_uid,
+            series_uid=series.series_instance_uid,
+            job_id=job.id,
+            detail=detail,
+        )
+
+    def promise_heartbeat(self, job_id: int, seconds: float) -> None:
+        """Date the heartbeat ``seconds`` ahead: the job is alive, waiting for a scheduled retry."""
+        with self.runtime.database.session() as session:
+            session.execute(
+                update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() + timedelta(seconds=seconds))
+            )
+
+    @contextmanager
+    def heartbeat(self, job_id: int) -> Iterator[None]:
+        """Beat ``heartbeat_at`` while the body runs, so the reconciler knows the job is alive."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.settings.heartbeat_s):
+                try:
+                    with self.runtime.database.session() as session:
+                        session.execute(
+                            update(Job)
+                            .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                            .values(heartbeat_at=utcnow())
+                        )
+                except Exception:  # a missed beat must not kill the step it watches
+                    logger.exception("heartbeat of job %s failed", job_id)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+def stale_jobs(runtime: Runtime, now: datetime | None = None) -> list[tuple[int, Step]]:
+    """Jobs SQL holds as queued, or running without a recent heartbeat, with the step to resume.
+
+    A queued job counts once its hand-off is older than ``stale_after_s``: its message may
+    have been lost by the broker (Redis restarted, or kombu's SQL transport fetched and lost it).
+    """
+    now = now or utcnow()
+    stale = now - timedelta(seconds=runtime.settings.worker.stale_after_s)
+    with runtime.database.session() as session:
+        jobs = session.scalars(
+            select(Job).where(
+                or_(
+                    (Job.state == JobState.QUEUED) & or_(Job.queued_at.is_(None), Job.queued_at < stale),
+                    (Job.state == JobState.RUNNING)
+                    & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
+                )
+            )
+        ).all()
+        return [(job.id, Step.CONVERT if job.state == JobState.QUEUED else next_step(job)) for job in jobs]

@@ -1,0 +1,128 @@
+"""Stage 3 of a job (queue ``cpu``): the two Structured Reports, built, validated and persisted.
+
+The SR codes come from parsing the generated text (never from a second model output),
+so text and codes cannot disagree. SR bytes are persisted once; delivery and every
+re-delivery send exactly these bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from sqlalchemy import select
+
+from dicom_node.db import Job, StructuredReport
+from dicom_node.sr import AlgorithmIdentification, build_reports
+from dicom_node.sr.validate import validate_sr
+from inference.report_schema import Findings, parse
+from worker.convert import SourceInstances
+from worker.runtime import Runtime
+
+logger = logging.getLogger("brain3d.worker")
+
+
+class InvalidReportError(RuntimeError):
+    """A built SR failed validation; it is never sent."""
+
+
+def findings_to_json(findings: Findings) -> str:
+    data = asdict(findings)
+    data["lobes"] = sorted(lobe.value for lobe in findings.lobes)
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _predecessors(runtime: Runtime, job: Job) -> list[Dataset]:
+    """SRs of earlier jobs on the same series, which a re-processed series must cite."""
+    with runtime.database.session() as session:
+        rows = session.scalars(
+            select(StructuredReport)
+            .join(Job, Job.id == StructuredReport.job_id)
+            .where(Job.series_id == job.series_id, Job.id != job.id, Job.id < job.id)
+            .order_by(StructuredReport.id)
+        ).all()
+    return [pydicom.dcmread(row.path, stop_before_pixels=True) for row in rows if Path(row.path).is_file()]
+
+
+def build_and_store(
+    runtime: Runtime,
+    job: Job,
+    sources: SourceInstances,
+    *,
+    model_name: str,
+    model_version: str,
+    checkpoint_hash: str,
+    synthetic_demo: bool,
+    content_time: datetime,
+) -> list[StructuredReport]:
+    """Build both SRs for ``job``, validate them, write them and record them in SQL."""
+    with runtime.database.session() as session:
+        existing = session.scalars(select(StructuredReport).where(StructuredReport.job_id == job.id)).all()
+    if existing and all(Path(row.path).is_file() for row in existing):
+        return list(existing)  # already built: keep the persisted bytes
+    assert job.report_text is not None
+    source_datasets: Sequence[Dataset] = [
+        pydicom.dcmread(path, stop_before_pixels=True) for path in sources.paths
+    ]
+    algorithm = AlgorithmIdentification(
+        name=model_name, version=model_version, checkpoint_hash=checkpoint_hash
+    )
+    pair = build_reports(
+        source_datasets,
+        job.report_text,
+        parse(job.report_text),
+        algorithm,
+        input_hash=sources.input_hash,
+        synthetic_demo=synthetic_demo,
+        predecessors=_predecessors(runtime, job),
+        content_time=content_time,
+    )
+    rows: list[StructuredReport] = []
+    for kind, dataset in (("narrative", pair.narrative), ("measurement", pair.measurement)):
+        path = (
+            Path(runtime.settings.storage.reports_dir)
+            / dataset.StudyInstanceUID
+            / dataset.SeriesInstanceUID
+            / f"{dataset.SOPInstanceUID}.dcm"
+        )
+        temporary = path.with_name(f".{path.name}.build")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_as(temporary, enforce_file_format=True)
+        errors = validate_sr(temporary)
+        if errors:
+            temporary.unlink()
+            raise InvalidReportError(f"{kind} SR failed validation: {errors[0]}")
+        payload = temporary.read_bytes()
+        temporary.unlink()
+        _write_atomically(path, payload)
+        rows.append(
+            StructuredReport(
+                job_id=job.id,
+                kind=kind,
+                series_instance_uid=dataset.SeriesInstanceUID,
+                sop_instance_uid=dataset.SOPInstanceUID,
+                path=str(path),
+                sha256=hashlib.sha256(payload).hexdigest(),
+            )
+        )
+    with runtime.database.session() as session:
+        session.add_all(rows)
+    return rows

@@ -1,0 +1,159 @@
+"""The Celery tasks: thin glue from a message to one stage of a job.
+
+``brain3d.run_job`` (queue ``cpu``) claims the job and converts the series, then chains
+``brain3d.infer`` (``gpu``) -> ``brain3d.build_reports`` (``cpu``) -> ``brain3d.deliver``
+(``cpu``). Every task re-reads the job from SQL first and does nothing for a job that is
+final or a stage already done, so duplicates, redeliveries and the reconciler are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import chain, shared_task, signals
+from celery.exceptions import SoftTimeLimitExceeded
+
+from dicom_node.audit import Outcome
+from dicom_node.conversion import ConversionError, GeometryError
+from dicom_node.db import JobState
+from dicom_node.db.models import utcnow
+from worker.app import BUILD_REPORTS_TASK, DELIVER_TASK, GPU_QUEUE, INFER_TASK, RUN_JOB_TASK
+from worker.convert import convert, load_volume, source_instances
+from worker.delivery import DemoModelGuardError, check_demo_guard, deliver
+from worker.inference import generate_report
+from worker.jobs import JobBook, Step
+from worker.reports import build_and_store, findings_to_json
+from worker.runtime import get_runtime
+
+logger = logging.getLogger("brain3d.worker")
+
+#: Set by ``brain3d worker`` to the queues this worker consumes.
+QUEUES_ENV = "BRAIN3D_WORKER_QUEUES"
+
+
+@signals.worker_process_init.connect
+def _warm_model(**_: object) -> None:
+    """Load the model once per process that serves inference, before the first job arrives."""
+    if GPU_QUEUE in os.environ.get(QUEUES_ENV, GPU_QUEUE).split(","):
+        get_runtime().model()
+
+
+def _fail(book: JobBook, job_id: int, step: Step, error: BaseException) -> None:
+    reason = (
+        f"{step}: time limit exceeded" if isinstance(error, SoftTimeLimitExceeded) else f"{step}: {error}"
+    )
+    logger.exception("job %s failed in %s", job_id, step)
+    book.finish(job_id, JobState.FAILED, reason[:2000])
+
+
+@shared_task(name=RUN_JOB_TASK)
+def run_job(job_id: int) -> None:
+    """Claim the job, convert its series, and chain the remaining stages."""
+    book = JobBook(get_runtime())
+    if not book.claim(job_id):
+        return
+    job = book.begin(job_id, Step.CONVERT)
+    if job is not None:
+        try:
+            with book.heartbeat(job_id):
+                sources = convert(book.runtime, job)
+        except (GeometryError, ConversionError) as error:
+            book.finish(job_id, JobState.NOT_ANALYSED, str(error))
+            return
+        except Exception as error:
+            _fail(book, job_id, Step.CONVERT, error)
+            return
+        book.complete(job_id, Step.CONVERT, input_hash=sources.input_hash)
+        book.event(job, "conversion", Outcome.SUCCESS, {"instances": len(sources.paths)})
+    chain(infer.si(job_id), build_reports.si(job_id), deliver_reports.si(job_id)).apply_async()
+
+
+@shared_task(name=INFER_TASK)
+def infer(job_id: int) -> None:
+    """Run Brain3D on the prepared volume and record the report text and its parsed findings."""
+    from inference.report_schema import parse
+
+    book = JobBook(get_runtime())
+    job = book.begin(job_id, Step.INFER)
+    if job is None:
+        return
+    try:
+        with book.heartbeat(job_id):
+            loaded = book.runtime.model()
+            text, timings = generate_report(loaded, load_volume(book.runtime, job_id))
+    except Exception as error:
+        _fail(book, job_id, Step.INFER, error)
+        raise
+    book.complete(
+        job_id,
+        Step.INFER,
+        report_text=text,
+        findings_json=findings_to_json(parse(text)),
+        model_version=loaded.version,
+    )
+    book.event(job, "inference", Outcome.SUCCESS, {"model": loaded.version, "timings": timings})
+
+
+@shared_task(name=BUILD_REPORTS_TASK)
+def build_reports(job_id: int) -> None:
+    """Build, validate and persist the narrative and TID 1500 SRs."""
+    book = JobBook(get_runtime())
+    job = book.begin(job_id, Step.BUILD_REPORTS)
+    if job is None:
+        return
+    try:
+        loaded = book.runtime.model()
+        check_demo_guard(book.runtime, loaded.synthetic_demo)
+        rows = build_and_store(
+            book.runtime,
+            job,
+            source_instances(book.runtime, job),
+            model_name=loaded.name,
+            model_version=loaded.version,
+            checkpoint_hash=loaded.checkpoint_hash,
+            synthetic_demo=loaded.synthetic_demo,
+            content_time=job.inference_finished_at or utcnow(),
+        )
+    except DemoModelGuardError as error:
+        book.finish(job_id, JobState.FAILED, str(error))
+        raise
+    except Exception as error:
+        _fail(book, job_id, Step.BUILD_REPORTS, error)
+        raise
+    book.complete(job_id, Step.BUILD_REPORTS)
+    book.event(
+        job, "reports-built", Outcome.SUCCESS, {"sop_instance_uids": [row.sop_instance_uid for row in rows]}
+    )
+
+
+@shared_task(name=DELIVER_TASK, bind=True)
+def deliver_reports(self, job_id: int) -> None:
+    """Send the SRs to every destination, retrying with backoff while any is unreachable."""
+    runtime = get_runtime()
+    book = JobBook(runtime)
+    job = book.begin(job_id, Step.DELIVER)
+    if job is None:
+        return
+    settings = runtime.settings.delivery
+    if settings.shadow_mode or not runtime.settings.destinations:
+        book.complete(job_id, Step.DELIVER)
+        book.finish(
+            job_id, JobState.SUCCEEDED, "shadow mode: SRs kept locally" if settings.shadow_mode else None
+        )
+        return
+    result = deliver(runtime, job)
+    if result.complete:
+        book.complete(job_id, Step.DELIVER)
+        book.finish(job_id, JobState.SUCCEEDED)
+        return
+    if self.request.retries >= settings.max_retries:
+        reason = f"delivery failed after {self.request.retries + 1} attempts: " + "; ".join(result.failures)
+        book.finish(job_id, JobState.FAILED, reason)
+        return
+    countdown = min(settings.retry_backoff_s * 2**self.request.retries, settings.retry_backoff_max_s)
+    logger.warning(
+        "job %s delivery incomplete (%s); retrying in %.0f s", job_id, result.failures[0], countdown
+    )
+    book.promise_heartbeat(job_id, countdown)  # the reconciler leaves a job alone while it waits to retry
+    raise self.retry(countdown=countdown, max_retries=settings.max_retries)
