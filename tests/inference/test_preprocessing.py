@@ -1,0 +1,82 @@
+"""prepare(): orientation (RAS and LPS storage), voxel-size and intensity invariance, skull."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from data_fixtures import as_lps_stored, phantom_head
+
+from inference.convention import LEFT_RIGHT_AXIS
+from inference.preprocessing import foreground_mask, prepare
+
+GRID = (16, 32, 32)
+
+
+def _blob_width_index(tensor: torch.Tensor) -> float:
+    """Mean W index of the brightest voxels (the blob)."""
+    bright = (tensor[0] > 0.95).nonzero()
+    return bright[:, 2].float().mean().item()
+
+
+@pytest.mark.parametrize("side_mm", [-30.0, 30.0])
+def test_patient_left_lands_at_small_w_for_ras_and_lps_storage(side_mm: float) -> None:
+    volume, affine = phantom_head(blob_offset_mm=(side_mm, 10.0, 15.0))
+    ras = prepare(nib.Nifti1Image(volume, affine), GRID)
+    lps = prepare(as_lps_stored(volume, affine), GRID)
+    assert ras.shape == (1, *GRID)
+    torch.testing.assert_close(ras, lps)
+    width_index = _blob_width_index(ras)
+    if side_mm < 0:  # patient's left
+        assert width_index < GRID[2] / 2 - 3
+    else:
+        assert width_index > GRID[2] / 2 + 3
+
+
+def test_mirrored_patient_gives_mirrored_tensor() -> None:
+    volume, affine = phantom_head(blob_offset_mm=(-30.0, 10.0, 15.0), seed=1)
+    left = prepare(nib.Nifti1Image(volume, affine), GRID)
+    right = prepare(nib.Nifti1Image(volume[::-1].copy(), affine), GRID)
+    torch.testing.assert_close(left.flip(LEFT_RIGHT_AXIS), right)
+
+
+def test_voxel_size_does_not_change_the_result_beyond_resampling() -> None:
+    coarse, coarse_affine = phantom_head(shape=(60, 72, 60), spacing=3.0)
+    fine, fine_affine = phantom_head(shape=(120, 144, 120), spacing=1.5)
+    a = prepare(nib.Nifti1Image(coarse, coarse_affine), GRID)
+    b = prepare(nib.Nifti1Image(fine, fine_affine), GRID)
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.97
+    assert abs(_blob_width_index(a) - _blob_width_index(b)) < 1.0
+
+
+def test_intensity_scale_and_offset_do_not_matter() -> None:
+    volume, affine = phantom_head()
+    a = prepare(nib.Nifti1Image(volume, affine), GRID)
+    b = prepare(nib.Nifti1Image(volume * 3.7 + 25.0, affine), GRID)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_foreground_mask_covers_the_head_including_the_dark_skull() -> None:
+    volume, _ = phantom_head(blob_offset_mm=None)
+    mask = foreground_mask(volume)
+    center = tuple(n // 2 for n in volume.shape)
+    assert mask[center]
+    assert not mask[0, 0, 0]
+    head = volume > 300
+    assert mask.sum() > head.sum()  # the skull shell and brain are inside
+    assert np.all(mask[head])
+
+
+def test_constant_volume_is_refused() -> None:
+    with pytest.raises(ValueError, match="constant"):
+        prepare(nib.Nifti1Image(np.ones((10, 10, 10), dtype=np.float32), np.eye(4)), GRID)
+
+
+def test_grid_comes_from_a_config_object() -> None:
+    class Config:
+        input_grid = (8, 16, 24)
+
+    volume, affine = phantom_head()
+    assert prepare(nib.Nifti1Image(volume, affine), Config()).shape == (1, 8, 16, 24)
