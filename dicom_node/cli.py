@@ -65,9 +65,7 @@ def db_upgrade(
 
     settings = settings_or_exit(config)
     migrate.upgrade(settings.database.url, revision)
-    typer.echo(
-        f"database {_shown_url(settings)} at revision {migrate.current_revision(settings.database.url)}"
-    )
+    _echo_revision(settings)
 
 
 @db_app.command("downgrade")
@@ -80,9 +78,7 @@ def db_downgrade(
 
     settings = settings_or_exit(config)
     migrate.downgrade(settings.database.url, revision)
-    typer.echo(
-        f"database {_shown_url(settings)} at revision {migrate.current_revision(settings.database.url)}"
-    )
+    _echo_revision(settings)
 
 
 @db_app.command("current")
@@ -93,6 +89,13 @@ def db_current(config: ConfigOption = None) -> None:
     settings = settings_or_exit(config)
     typer.echo(f"current: {migrate.current_revision(settings.database.url) or 'none'}")
     typer.echo(f"head:    {migrate.head_revision()}")
+
+
+def _echo_revision(settings: Settings) -> None:
+    from dicom_node.db import migrate
+
+    revision = migrate.current_revision(settings.database.url) or "none"
+    typer.echo(f"database {_shown_url(settings)} at revision {revision}")
 
 
 def _shown_url(settings: Settings) -> str:
