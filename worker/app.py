@@ -19,6 +19,7 @@ from pathlib import Path
 
 from celery import Celery
 from kombu import Queue
+from kombu.transport import sqlalchemy as sql_transport
 
 from dicom_node.config import Settings, load_settings
 
@@ -37,14 +38,30 @@ TASK_QUEUES = {
 }
 
 
+def _configure_sql_transport(broker: str, polling_interval: float) -> None:
+    """Prepare kombu's SQLAlchemy transport, the embedded default broker.
+
+    It passes its transport options to ``create_engine``, so its polling interval (1 s by
+    default, paid at every hop of a job) is set on the transport class instead; and it does
+    not create the folder of its SQLite file.
+    """
+    sql_transport.Transport.polling_interval = polling_interval
+    if broker.startswith("sqla+sqlite:///"):
+        Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings`` (the effective configuration when omitted)."""
     settings = settings or load_settings()
     broker = settings.queue.broker_url
-    if broker.startswith("sqla+sqlite:///"):
-        # kombu's SQLAlchemy transport does not create the folder of its SQLite file.
-        Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     hard_limit = settings.worker.hard_time_limit_s
+    transport_options: dict[str, float] = {
+        "polling_interval": settings.queue.polling_interval,
+        "visibility_timeout": int(hard_limit * 2),
+    }
+    if broker.startswith("sqla+"):
+        _configure_sql_transport(broker, settings.queue.polling_interval)
+        transport_options = {}  # kombu hands this transport's options to create_engine()
     app = Celery("brain3d", broker=broker, backend=settings.queue.result_backend, include=["worker.tasks"])
     app.conf.update(
         task_queues=[Queue(CPU_QUEUE), Queue(GPU_QUEUE)],
@@ -55,10 +72,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.worker.soft_time_limit_s,
         task_time_limit=hard_limit,
-        broker_transport_options={
-            "polling_interval": settings.queue.polling_interval,
-            "visibility_timeout": int(hard_limit * 2),
-        },
+        broker_transport_options=transport_options,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],

@@ -15,3 +15,6 @@ app = typer.Typer(
 )
 node_cli.register(app)
 worker_commands.register(app)
+
+if __name__ == "__main__":
+    app()

@@ -123,6 +123,19 @@ def reconcile_command(config: ConfigOption = None) -> None:
     typer.echo(f"re-enqueued {len(resent)} job(s)" + (f": {', '.join(map(str, resent))}" if resent else ""))
 
 
+def demo(
+    config: ConfigOption = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic case.")] = 7,
+) -> None:
+    """Run the whole pipeline on one synthetic study, with no services, and print the result."""
+    from worker.demo import print_result, run_demo
+
+    settings = settings_or_exit(config)
+    upgrade(settings.database.url)
+    print_result(run_demo(settings, seed=seed))
+
+
 def register(app: typer.Typer) -> None:
     app.command("worker")(worker)
+    app.command("demo")(demo)
     app.add_typer(jobs_app, name="jobs")

@@ -1,0 +1,118 @@
+"""Job bookkeeping on both databases: claims, interruptions, final states, the reconciler's choice."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+import pytest
+from kombu import Connection
+
+from dicom_node.config import load_settings
+from dicom_node.db import AuditEvent, Job, JobState, Series, Study
+from dicom_node.db.migrate import upgrade
+from dicom_node.db.models import utcnow
+from worker.app import CPU_QUEUE, GPU_QUEUE, create_app
+from worker.jobs import JobBook, Step, stale_jobs
+from worker.reconciler import reconcile_once
+from worker.runtime import Runtime
+
+
+@pytest.fixture
+def runtime(database_url, tmp_path) -> Runtime:
+    upgrade(database_url)
+    settings = load_settings(
+        database={"url": database_url, "audit_key_file": tmp_path / "audit.key"},
+        queue={"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"},
+        worker={"max_attempts": 2, "stale_after_s": 30},
+    )
+    return Runtime(settings)
+
+
+_uids = itertools.count(1)
+
+
+def _job(runtime: Runtime, **values) -> int:
+    with runtime.database.session() as session:
+        study = Study(study_instance_uid=f"1.2.3.{next(_uids)}")
+        series = Series(series_instance_uid=f"{study.study_instance_uid}.1", study=study, modality="MR")
+        job = Job(series=series, **{"queued_at": utcnow(), **values})
+        session.add_all([study, series, job])
+        session.flush()
+        return job.id
+
+
+def test_a_job_is_claimed_once(runtime):
+    job_id = _job(runtime)
+    book = JobBook(runtime)
+    assert book.claim(job_id) is True
+    assert book.claim(job_id) is False, "a duplicate run_job must not claim a running job"
+    assert book.get(job_id).state == JobState.RUNNING
+
+
+def test_an_interrupted_step_counts_as_an_attempt_and_the_job_fails_past_the_cap(runtime):
+    job_id = _job(runtime)
+    book = JobBook(runtime)
+    book.claim(job_id)
+    assert book.begin(job_id, Step.CONVERT) is not None
+    book.complete(job_id, Step.CONVERT)
+    assert book.begin(job_id, Step.INFER).attempts == 1
+    # The worker died in inference and the message came back: second start.
+    assert book.begin(job_id, Step.INFER).attempts == 2
+    # Third start exceeds max_attempts=2: the job ends failed with the reason.
+    assert book.begin(job_id, Step.INFER) is None
+    job = book.get(job_id)
+    assert job.state == JobState.FAILED
+    assert "infer interrupted 2 times" in job.error_reason
+
+
+def test_a_final_job_is_never_changed_again(runtime):
+    job_id = _job(runtime)
+    book = JobBook(runtime)
+    book.claim(job_id)
+    book.finish(job_id, JobState.NOT_ANALYSED, "too few slices")
+    book.finish(job_id, JobState.SUCCEEDED)
+    assert book.begin(job_id, Step.INFER) is None
+    job = book.get(job_id)
+    assert (job.state, job.error_reason) == (JobState.NOT_ANALYSED, "too few slices")
+    with runtime.database.session() as session:
+        types = [event.event_type for event in session.query(AuditEvent).filter_by(job_id=job_id)]
+    assert types == ["job-started", "job-not_analysed"]
+
+
+def test_stale_jobs_resume_at_their_next_step(runtime):
+    old = utcnow() - timedelta(seconds=120)
+    fresh_running = _job(runtime, state=JobState.RUNNING, heartbeat_at=utcnow())
+    lost_queued = _job(runtime, queued_at=old)
+    dead_in_inference = _job(runtime, state=JobState.RUNNING, heartbeat_at=old, conversion_finished_at=old)
+    dead_in_delivery = _job(
+        runtime,
+        state=JobState.RUNNING,
+        heartbeat_at=old,
+        conversion_finished_at=old,
+        inference_finished_at=old,
+        sr_built_at=old,
+    )
+    finished = _job(runtime, state=JobState.SUCCEEDED, heartbeat_at=old)
+    found = dict(stale_jobs(runtime))
+    assert found == {lost_queued: Step.CONVERT, dead_in_inference: Step.INFER, dead_in_delivery: Step.DELIVER}
+    assert fresh_running not in found and finished not in found
+
+
+def test_reconciler_resends_each_stale_job_once_per_period(runtime):
+    old = utcnow() - timedelta(seconds=120)
+    lost = _job(runtime, queued_at=old)
+    dead = _job(runtime, state=JobState.RUNNING, heartbeat_at=old, conversion_finished_at=old)
+    app = create_app(runtime.settings)
+    assert sorted(reconcile_once(runtime, app)) == sorted([lost, dead])
+    assert reconcile_once(runtime, app) == [], "a re-sent job waits a full period before it is re-sent again"
+    with Connection(runtime.settings.queue.broker_url) as connection:
+        cpu = connection.SimpleQueue(CPU_QUEUE)
+        gpu = connection.SimpleQueue(GPU_QUEUE)
+        sent = {
+            (message.headers["task"], message.headers["argsrepr"])
+            for message in (cpu.get(timeout=2), gpu.get(timeout=2))
+        }
+        cpu.close()
+        gpu.close()
+    assert sent == {("brain3d.run_job", f"[{lost}]"), ("brain3d.infer", f"[{dead}]")}

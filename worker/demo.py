@@ -1,0 +1,182 @@
+"""``brain3d demo``: the whole product on one machine, with no services, in under a minute.
+
+It starts ``brain3d serve`` and ``brain3d worker`` as real processes on embedded defaults,
+a local destination that plays the PACS, synthesises a study (a FLAIR series with a
+lesion and a T1 series), sends it over real C-STORE, and prints what came back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    MRImageStorage,
+    Verification,
+)
+from sqlalchemy import select
+
+from dicom_node.config import Settings
+from dicom_node.db import Database, Job, Series
+from inference.report_schema import Findings
+
+DEMO_PACS_AE = "DEMO_PACS"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DemoPacs:
+    """A minimal Storage SCP on loopback that keeps every SR it receives in a folder."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder = folder
+        self.port = port
+        self.received: list[Path] = []
+        self._arrived = threading.Condition()
+        self._ae = AE(ae_title=DEMO_PACS_AE)
+        for sop_class in (ComprehensiveSRStorage, EnhancedSRStorage, hd.sr.Comprehensive3DSRStorage, Verification):
+            self._ae.add_supported_context(sop_class)
+        self._server = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        dataset = event.dataset
+        path = self.folder / f"{dataset.SOPInstanceUID}.dcm"
+        path.write_bytes(event.encoded_dataset())
+        with self._arrived:
+            self.received.append(path)
+            self._arrived.notify_all()
+        return 0x0000
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def wait_for(self, count: int, timeout: float) -> list[Path]:
+        with self._arrived:
+            self._arrived.wait_for(lambda: len(self.received) >= count, timeout=timeout)
+            return list(self.received)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+
+@dataclass
+class DemoResult:
+    job: Job
+    report_files: list[Path]
+    truth: Findings
+    wall_seconds: float
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, name: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {process.returncode}; see its log under var/demo/logs")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} did not open port {port} within {timeout:.0f} s")
+
+
+def _send(files: list[Path], port: int, called_ae: str) -> None:
+    ae = AE(ae_title="DEMO_MR")
+    ae.add_requested_context(MRImageStorage)
+    association = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not association.is_established:
+        raise RuntimeError("the node refused the demo modality's association")
+    try:
+        for path in files:
+            status = association.send_c_store(pydicom.dcmread(path))
+            if getattr(status, "Status", None) != 0x0000:
+                raise RuntimeError(f"the node did not store {path.name}: {status}")
+    finally:
+        association.release()
+
+
+def _wait_for_job(database: Database, series_uid: str, timeout: float) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with database.session() as session:
+            job = session.scalars(
+                select(Job).join(Series).where(Series.series_instance_uid == series_uid).order_by(Job.id.desc())
+            ).first()
+            if job is not None and job.state.is_final:
+                session.expunge(job)
+                return job
+        time.sleep(0.2)
+    raise TimeoutError(f"no finished job for the FLAIR series within {timeout:.0f} s")
+
+
+def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> DemoResult:
+    """Run the demo end to end and return what the destination received."""
+    from dicom_node.acquisition import FLAIR_2D, T1
+    from dicom_node.series_writer import write_series
+    from inference.synthetic import SyntheticCaseSpec, synthesize_case
+
+    started = time.monotonic()
+    var_dir = Path(settings.storage.spool_dir).parent
+    demo_dir = var_dir / "demo"
+    logs = demo_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    node_port, pacs_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "BRAIN3D_NODE__HOST": "127.0.0.1",
+        "BRAIN3D_NODE__PORT": str(node_port),
+        "BRAIN3D_DESTINATIONS": json.dumps([{"host": "127.0.0.1", "port": pacs_port, "ae_title": DEMO_PACS_AE}]),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    }
+    pacs = DemoPacs(demo_dir / "received", pacs_port)
+    pacs.start()
+    command = [sys.executable, "-m", "worker.cli"]
+    processes: list[subprocess.Popen] = []
+    try:
+        for name, arguments in (("serve", ["serve"]), ("worker", ["worker", "--loglevel", "WARNING"])):
+            with open(logs / f"{name}.log", "wb") as log:
+                processes.append(
+                    subprocess.Popen(command + arguments, env=env, stdout=log, stderr=subprocess.STDOUT)
+                )
+        case = synthesize_case(SyntheticCaseSpec.lesional(seed=seed))
+        study_dir = demo_dir / "study"
+        flair = write_series(study_dir / "flair", case.volume, case.affine, preset=FLAIR_2D, seed=seed, series_number=1)
+        study_uid = pydicom.dcmread(flair[0], stop_before_pixels=True).StudyInstanceUID
+        t1 = write_series(
+            study_dir / "t1", case.volume, case.affine, preset=T1, seed=seed + 1, series_number=2, study_uid=study_uid
+        )
+        _wait_for_port(node_port, processes[0], 30, "brain3d serve")
+        _send(flair + t1, node_port, settings.node.ae_title)
+        flair_uid = pydicom.dcmread(flair[0], stop_before_pixels=True).SeriesInstanceUID
+        job = _wait_for_job(Database(settings.database.url), flair_uid, timeout)
+        reports = pacs.wait_for(2, timeout=10) if job.state.value == "succeeded" else []
+        return DemoResult(job=job, report_files=reports, truth=case.findings, wall_seconds=time.monotonic() - started)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        pacs.stop()
