@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,12 @@ class DemoPacs:
         self.received: list[Path] = []
         self._arrived = threading.Condition()
         self._ae = AE(ae_title=DEMO_PACS_AE)
-        for sop_class in (ComprehensiveSRStorage, EnhancedSRStorage, hd.sr.Comprehensive3DSRStorage, Verification):
+        for sop_class in (
+            ComprehensiveSRStorage,
+            EnhancedSRStorage,
+            hd.sr.Comprehensive3DSRStorage,
+            Verification,
+        ):
             self._ae.add_supported_context(sop_class)
         self._server = None
 
@@ -92,7 +98,9 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, name: s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with status {process.returncode}; see its log under var/demo/logs")
+            raise RuntimeError(
+                f"{name} exited with status {process.returncode}; see its log under var/demo/logs"
+            )
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -120,7 +128,10 @@ def _wait_for_job(database: Database, series_uid: str, timeout: float) -> Job:
     while time.monotonic() < deadline:
         with database.session() as session:
             job = session.scalars(
-                select(Job).join(Series).where(Series.series_instance_uid == series_uid).order_by(Job.id.desc())
+                select(Job)
+                .join(Series)
+                .where(Series.series_instance_uid == series_uid)
+                .order_by(Job.id.desc())
             ).first()
             if job is not None and job.state.is_final:
                 session.expunge(job)
@@ -145,7 +156,9 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
         **os.environ,
         "BRAIN3D_NODE__HOST": "127.0.0.1",
         "BRAIN3D_NODE__PORT": str(node_port),
-        "BRAIN3D_DESTINATIONS": json.dumps([{"host": "127.0.0.1", "port": pacs_port, "ae_title": DEMO_PACS_AE}]),
+        "BRAIN3D_DESTINATIONS": json.dumps(
+            [{"host": "127.0.0.1", "port": pacs_port, "ae_title": DEMO_PACS_AE}]
+        ),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     }
     pacs = DemoPacs(demo_dir / "received", pacs_port)
@@ -160,17 +173,27 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
                 )
         case = synthesize_case(SyntheticCaseSpec.lesional(seed=seed))
         study_dir = demo_dir / "study"
-        flair = write_series(study_dir / "flair", case.volume, case.affine, preset=FLAIR_2D, seed=seed, series_number=1)
+        flair = write_series(
+            study_dir / "flair", case.volume, case.affine, preset=FLAIR_2D, seed=seed, series_number=1
+        )
         study_uid = pydicom.dcmread(flair[0], stop_before_pixels=True).StudyInstanceUID
         t1 = write_series(
-            study_dir / "t1", case.volume, case.affine, preset=T1, seed=seed + 1, series_number=2, study_uid=study_uid
+            study_dir / "t1",
+            case.volume,
+            case.affine,
+            preset=T1,
+            seed=seed + 1,
+            series_number=2,
+            study_uid=study_uid,
         )
         _wait_for_port(node_port, processes[0], 30, "brain3d serve")
         _send(flair + t1, node_port, settings.node.ae_title)
         flair_uid = pydicom.dcmread(flair[0], stop_before_pixels=True).SeriesInstanceUID
         job = _wait_for_job(Database(settings.database.url), flair_uid, timeout)
         reports = pacs.wait_for(2, timeout=10) if job.state.value == "succeeded" else []
-        return DemoResult(job=job, report_files=reports, truth=case.findings, wall_seconds=time.monotonic() - started)
+        return DemoResult(
+            job=job, report_files=reports, truth=case.findings, wall_seconds=time.monotonic() - started
+        )
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -180,3 +203,67 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
             except subprocess.TimeoutExpired:
                 process.kill()
         pacs.stop()
+
+
+def _describe(findings: Findings) -> dict[str, str]:
+    if not findings.abnormal:
+        return {"abnormality": "absent"}
+    return {
+        "abnormality": "present",
+        "side": findings.side.value if findings.side else "-",
+        "lobes": ", ".join(sorted(lobe.value for lobe in findings.lobes)) or "-",
+        "edema": "yes" if findings.edema else "no",
+        "necrosis": "yes" if findings.necrosis else "no",
+        "ventricular compression": "yes" if findings.ventricular_compression else "no",
+    }
+
+
+def _step_timings(job: Job) -> list[tuple[str, float]]:
+    """Seconds from the last instance received to each later step of the job."""
+    start = job.last_instance_received_at
+    steps = [
+        ("series complete", job.series_complete_at),
+        ("queued", job.queued_at),
+        ("conversion done", job.conversion_finished_at),
+        ("inference done", job.inference_finished_at),
+        ("SRs built", job.sr_built_at),
+        ("SRs delivered", job.delivered_at),
+    ]
+    if start is None:
+        return []
+    return [(name, (moment - start).total_seconds()) for name, moment in steps if moment is not None]
+
+
+def print_result(result: DemoResult, echo: Callable[[str], None] = print) -> None:
+    """What a radiologist and an admin would want to see of the demo run."""
+    from dicom_node.sr import read_coded_findings, read_narrative
+
+    job = result.job
+    echo(f"job {job.id}: {job.state.value}" + (f" ({job.error_reason})" if job.error_reason else ""))
+    if job.report_text:
+        echo("\nGenerated report (AI-generated, not reviewed; synthetic demo model, not for clinical use):")
+        echo(f"  {job.report_text}")
+    measurement = next(
+        (
+            dataset
+            for dataset in (pydicom.dcmread(path) for path in result.report_files)
+            if dataset.SOPClassUID == hd.sr.Comprehensive3DSRStorage
+        ),
+        None,
+    )
+    coded = _describe(read_coded_findings(measurement)) if measurement is not None else {}
+    truth = _describe(result.truth)
+    echo("\nfinding                  coded in the SR          synthetic truth")
+    for key in truth.keys() | coded.keys():
+        echo(f"  {key:<23}{coded.get(key, '-'):<25}{truth.get(key, '-')}")
+    for path in result.report_files:
+        dataset = pydicom.dcmread(path)
+        if dataset.SOPClassUID == hd.sr.ComprehensiveSRStorage:
+            echo(f"\nSR statements: {' | '.join(read_narrative(dataset).comments)}")
+    echo("\nseconds after the last instance was received:")
+    for name, seconds in _step_timings(job):
+        echo(f"  {name:<18}{seconds:6.2f}")
+    echo(f"\nSRs received by the demo destination ({len(result.report_files)}):")
+    for path in result.report_files:
+        echo(f"  {path}")
+    echo(f"demo wall time: {result.wall_seconds:.1f} s")

@@ -21,7 +21,7 @@ from pydicom import Dataset
 from sqlalchemy import select
 
 from dicom_node.db import Job, StructuredReport
-from dicom_node.sr import AlgorithmIdentification, build_reports
+from dicom_node.sr import AlgorithmIdentity, build_reports, sr_bytes
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Findings, parse
 from worker.convert import SourceInstances
@@ -40,14 +40,12 @@ def findings_to_json(findings: Findings) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
+def _write_durably(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
+    with open(path, "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _predecessors(runtime: Runtime, job: Job) -> list[Dataset]:
@@ -82,9 +80,7 @@ def build_and_store(
     source_datasets: Sequence[Dataset] = [
         pydicom.dcmread(path, stop_before_pixels=True) for path in sources.paths
     ]
-    algorithm = AlgorithmIdentification(
-        name=model_name, version=model_version, checkpoint_hash=checkpoint_hash
-    )
+    algorithm = AlgorithmIdentity(name=model_name, version=model_version, checkpoint_sha256=checkpoint_hash)
     pair = build_reports(
         source_datasets,
         job.report_text,
@@ -93,7 +89,7 @@ def build_and_store(
         input_hash=sources.input_hash,
         synthetic_demo=synthetic_demo,
         predecessors=_predecessors(runtime, job),
-        content_time=content_time,
+        content_datetime=content_time,
     )
     rows: list[StructuredReport] = []
     for kind, dataset in (("narrative", pair.narrative), ("measurement", pair.measurement)):
@@ -103,16 +99,14 @@ def build_and_store(
             / dataset.SeriesInstanceUID
             / f"{dataset.SOPInstanceUID}.dcm"
         )
-        temporary = path.with_name(f".{path.name}.build")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dataset.save_as(temporary, enforce_file_format=True)
+        payload = sr_bytes(dataset)
+        temporary = path.with_name(f".{path.name}.tmp")
+        _write_durably(temporary, payload)
         errors = validate_sr(temporary)
         if errors:
             temporary.unlink()
             raise InvalidReportError(f"{kind} SR failed validation: {errors[0]}")
-        payload = temporary.read_bytes()
-        temporary.unlink()
-        _write_atomically(path, payload)
+        os.replace(temporary, path)
         rows.append(
             StructuredReport(
                 job_id=job.id,
