@@ -7,6 +7,7 @@ checkpoint by content hash, so an SR always says exactly which weights wrote it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,20 @@ logger = logging.getLogger("brain3d.worker")
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "inference" / "checkpoints" / "demo"
 
 
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which checkpoint writes the reports: named by content, known without loading weights."""
+
     name: str
     version: str
     checkpoint_hash: str
     synthetic_demo: bool
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    identity: ModelIdentity
     device: torch.device
     max_new_tokens: int
 
@@ -42,33 +50,38 @@ def checkpoint_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def identify_model(settings: ModelSettings) -> ModelIdentity:
+    """The identity of the configured checkpoint; a clear error when there is none."""
+    path = Path(settings.path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model.path {path} holds no Brain3D checkpoint (config.json missing)")
+    content_hash = checkpoint_hash(path)
+    synthetic = (
+        bool(json.loads(config_file.read_text()).get("synthetic_demo")) or path.resolve() == DEMO_CHECKPOINT
+    )
+    name = "Brain3D-demo" if synthetic else "Brain3D"
+    return ModelIdentity(
+        name=name,
+        version=f"{name}@{content_hash[:12]}",
+        checkpoint_hash=content_hash,
+        synthetic_demo=synthetic,
+    )
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
 
 
-def load_model(settings: ModelSettings) -> LoadedModel:
+def load_model(settings: ModelSettings, identity: ModelIdentity) -> LoadedModel:
     from inference.modeling_brain3d import Brain3D
 
-    path = Path(settings.path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {path} holds no Brain3D checkpoint (config.json missing)")
     device = resolve_device(settings.device)
-    model = Brain3D.from_pretrained(path).to(device).eval()
-    content_hash = checkpoint_hash(path)
-    synthetic = bool(getattr(model.config, "synthetic_demo", False)) or path.resolve() == DEMO_CHECKPOINT
-    name = "Brain3D-demo" if synthetic else "Brain3D"
-    logger.info("loaded %s from %s on %s (sha256 %s)", name, path, device, content_hash[:12])
-    return LoadedModel(
-        model=model,
-        name=name,
-        version=f"{name}@{content_hash[:12]}",
-        checkpoint_hash=content_hash,
-        synthetic_demo=synthetic,
-        device=device,
-        max_new_tokens=settings.max_new_tokens,
-    )
+    model = Brain3D.from_pretrained(settings.path).to(device).eval()
+    logger.info("loaded %s from %s on %s", identity.version, settings.path, device)
+    return LoadedModel(model=model, identity=identity, device=device, max_new_tokens=settings.max_new_tokens)
 
 
 def generate_report(loaded: LoadedModel, volume: np.ndarray) -> tuple[str, dict[str, float]]:

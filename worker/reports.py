@@ -25,6 +25,7 @@ from dicom_node.sr import AlgorithmIdentity, build_reports, sr_bytes
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Findings, parse
 from worker.convert import SourceInstances
+from worker.inference import ModelIdentity
 from worker.runtime import Runtime
 
 logger = logging.getLogger("brain3d.worker")
@@ -64,11 +65,8 @@ def build_and_store(
     runtime: Runtime,
     job: Job,
     sources: SourceInstances,
+    identity: ModelIdentity,
     *,
-    model_name: str,
-    model_version: str,
-    checkpoint_hash: str,
-    synthetic_demo: bool,
     content_time: datetime,
 ) -> list[StructuredReport]:
     """Build both SRs for ``job``, validate them, write them and record them in SQL."""
@@ -80,14 +78,16 @@ def build_and_store(
     source_datasets: Sequence[Dataset] = [
         pydicom.dcmread(path, stop_before_pixels=True) for path in sources.paths
     ]
-    algorithm = AlgorithmIdentity(name=model_name, version=model_version, checkpoint_sha256=checkpoint_hash)
+    algorithm = AlgorithmIdentity(
+        name=identity.name, version=identity.version, checkpoint_sha256=identity.checkpoint_hash
+    )
     pair = build_reports(
         source_datasets,
         job.report_text,
         parse(job.report_text),
         algorithm,
         input_hash=sources.input_hash,
-        synthetic_demo=synthetic_demo,
+        synthetic_demo=identity.synthetic_demo,
         predecessors=_predecessors(runtime, job),
         content_datetime=content_time,
     )

@@ -19,7 +19,7 @@ from dicom_node.config import Settings, load_settings
 from dicom_node.db import Database
 
 if TYPE_CHECKING:
-    from worker.inference import LoadedModel
+    from worker.inference import LoadedModel, ModelIdentity
 
 logger = logging.getLogger("brain3d.worker")
 
@@ -39,13 +39,20 @@ class Runtime:
     def audit(self) -> AuditTrail:
         return AuditTrail.from_settings(self.settings, self.database)
 
+    @cached_property
+    def model_identity(self) -> ModelIdentity:
+        """The configured checkpoint's identity (hashing it once per process, no weights loaded)."""
+        from worker.inference import identify_model
+
+        return identify_model(self.settings.model)
+
     def model(self) -> LoadedModel:
         """The Brain3D model of this process, loaded on first use and kept warm."""
         from worker.inference import load_model
 
         with self._model_lock:
             if self._model is None:
-                self._model = load_model(self.settings.model)
+                self._model = load_model(self.settings.model, self.model_identity)
             return self._model
 
 

@@ -90,9 +90,9 @@ def infer(job_id: int) -> None:
         Step.INFER,
         report_text=text,
         findings_json=findings_to_json(parse(text)),
-        model_version=loaded.version,
+        model_version=loaded.identity.version,
     )
-    book.event(job, "inference", Outcome.SUCCESS, {"model": loaded.version, "timings": timings})
+    book.event(job, "inference", Outcome.SUCCESS, {"model": loaded.identity.version, "timings": timings})
 
 
 @shared_task(name=BUILD_REPORTS_TASK)
@@ -103,16 +103,13 @@ def build_reports(job_id: int) -> None:
     if job is None:
         return
     try:
-        loaded = book.runtime.model()
-        check_demo_guard(book.runtime, loaded.synthetic_demo)
+        identity = book.runtime.model_identity
+        check_demo_guard(book.runtime, identity.synthetic_demo)
         rows = build_and_store(
             book.runtime,
             job,
             source_instances(book.runtime, job),
-            model_name=loaded.name,
-            model_version=loaded.version,
-            checkpoint_hash=loaded.checkpoint_hash,
-            synthetic_demo=loaded.synthetic_demo,
+            identity,
             content_time=job.inference_finished_at or utcnow(),
         )
     except DemoModelGuardError as error:
