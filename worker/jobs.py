@@ -153,6 +153,11 @@ class JobBook:
             detail=detail,
         )
 
+    def note_reason(self, job_id: int, reason: str) -> None:
+        """Keep why a still-running job will end as it will (e.g. not analysed, SR still to send)."""
+        with self.runtime.database.session() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(error_reason=reason))
+
     def promise_heartbeat(self, job_id: int, seconds: float) -> None:
         """Date the heartbeat ``seconds`` ahead: the job is alive, waiting for a scheduled retry."""
         with self.runtime.database.session() as session:

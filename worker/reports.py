@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from pydicom import Dataset
 from sqlalchemy import select
 
 from dicom_node.db import Job, StructuredReport
-from dicom_node.sr import AlgorithmIdentity, build_reports, sr_bytes
+from dicom_node.sr import AlgorithmIdentity, build_reports, not_analysed_report, sr_bytes
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Findings, parse
 from worker.convert import SourceInstances
@@ -29,6 +28,8 @@ from worker.inference import ModelIdentity
 from worker.runtime import Runtime
 
 logger = logging.getLogger("brain3d.worker")
+
+NOT_ANALYSED_KIND = "not_analysed"
 
 
 class InvalidReportError(RuntimeError):
@@ -61,62 +62,103 @@ def _predecessors(runtime: Runtime, job: Job) -> list[Dataset]:
     return [pydicom.dcmread(row.path, stop_before_pixels=True) for row in rows if Path(row.path).is_file()]
 
 
-def build_and_store(
-    runtime: Runtime,
-    job: Job,
-    sources: SourceInstances,
-    identity: ModelIdentity,
-    *,
-    content_time: datetime,
-) -> list[StructuredReport]:
-    """Build both SRs for ``job``, validate them, write them and record them in SQL."""
+def _persist(runtime: Runtime, job: Job, kind: str, dataset: Dataset) -> StructuredReport:
+    """Validate an SR and write its bytes durably; an invalid SR never reaches the reports folder."""
+    path = (
+        Path(runtime.settings.storage.reports_dir)
+        / dataset.StudyInstanceUID
+        / dataset.SeriesInstanceUID
+        / f"{dataset.SOPInstanceUID}.dcm"
+    )
+    payload = sr_bytes(dataset)
+    temporary = path.with_name(f".{path.name}.tmp")
+    _write_durably(temporary, payload)
+    errors = validate_sr(temporary)
+    if errors:
+        temporary.unlink()
+        raise InvalidReportError(f"{kind} SR failed validation: {errors[0]}")
+    os.replace(temporary, path)
+    return StructuredReport(
+        job_id=job.id,
+        kind=kind,
+        series_instance_uid=dataset.SeriesInstanceUID,
+        sop_instance_uid=dataset.SOPInstanceUID,
+        path=str(path),
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
+
+
+def _existing(runtime: Runtime, job: Job) -> list[StructuredReport]:
     with runtime.database.session() as session:
-        existing = session.scalars(select(StructuredReport).where(StructuredReport.job_id == job.id)).all()
-    if existing and all(Path(row.path).is_file() for row in existing):
-        return list(existing)  # already built: keep the persisted bytes
-    assert job.report_text is not None
-    source_datasets: Sequence[Dataset] = [
-        pydicom.dcmread(path, stop_before_pixels=True) for path in sources.paths
-    ]
-    algorithm = AlgorithmIdentity(
+        rows = session.scalars(select(StructuredReport).where(StructuredReport.job_id == job.id)).all()
+    return list(rows) if rows and all(Path(row.path).is_file() for row in rows) else []
+
+
+def _algorithm(identity: ModelIdentity) -> AlgorithmIdentity:
+    return AlgorithmIdentity(
         name=identity.name, version=identity.version, checkpoint_sha256=identity.checkpoint_hash
     )
+
+
+def _sources(sources: SourceInstances) -> list[Dataset]:
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in sources.paths]
+
+
+def _record(runtime: Runtime, rows: list[StructuredReport]) -> list[StructuredReport]:
+    with runtime.database.session() as session:
+        session.add_all(rows)
+    return rows
+
+
+def build_and_store(
+    runtime: Runtime, job: Job, sources: SourceInstances, identity: ModelIdentity, *, content_time: datetime
+) -> list[StructuredReport]:
+    """Build both SRs for ``job`` from its report text, validate, write and record them."""
+    if existing := _existing(runtime, job):
+        return existing  # already built: keep the persisted bytes
+    assert job.report_text is not None
     pair = build_reports(
-        source_datasets,
+        _sources(sources),
         job.report_text,
         parse(job.report_text),
-        algorithm,
+        _algorithm(identity),
         input_hash=sources.input_hash,
         synthetic_demo=identity.synthetic_demo,
         predecessors=_predecessors(runtime, job),
         content_datetime=content_time,
     )
-    rows: list[StructuredReport] = []
-    for kind, dataset in (("narrative", pair.narrative), ("measurement", pair.measurement)):
-        path = (
-            Path(runtime.settings.storage.reports_dir)
-            / dataset.StudyInstanceUID
-            / dataset.SeriesInstanceUID
-            / f"{dataset.SOPInstanceUID}.dcm"
-        )
-        payload = sr_bytes(dataset)
-        temporary = path.with_name(f".{path.name}.tmp")
-        _write_durably(temporary, payload)
-        errors = validate_sr(temporary)
-        if errors:
-            temporary.unlink()
-            raise InvalidReportError(f"{kind} SR failed validation: {errors[0]}")
-        os.replace(temporary, path)
-        rows.append(
-            StructuredReport(
-                job_id=job.id,
-                kind=kind,
-                series_instance_uid=dataset.SeriesInstanceUID,
-                sop_instance_uid=dataset.SOPInstanceUID,
-                path=str(path),
-                sha256=hashlib.sha256(payload).hexdigest(),
-            )
-        )
-    with runtime.database.session() as session:
-        session.add_all(rows)
-    return rows
+    return _record(
+        runtime,
+        [
+            _persist(runtime, job, "narrative", pair.narrative),
+            _persist(runtime, job, "measurement", pair.measurement),
+        ],
+    )
+
+
+def build_not_analysed(
+    runtime: Runtime,
+    job: Job,
+    sources: SourceInstances,
+    identity: ModelIdentity,
+    reason: str,
+    *,
+    content_time: datetime,
+) -> list[StructuredReport]:
+    """The short SR saying the series was not analysed and why (``delivery.not_analysed_report``)."""
+    if existing := _existing(runtime, job):
+        return existing
+    dataset = not_analysed_report(
+        _sources(sources),
+        reason,
+        _algorithm(identity),
+        input_hash=sources.input_hash,
+        content_datetime=content_time,
+        synthetic_demo=identity.synthetic_demo,
+        predecessors=_predecessors(runtime, job),
+    )
+    return _record(runtime, [_persist(runtime, job, NOT_ANALYSED_KIND, dataset)])
+
+
+def has_not_analysed_report(runtime: Runtime, job: Job) -> bool:
+    return any(row.kind == NOT_ANALYSED_KIND for row in _existing(runtime, job))

@@ -23,7 +23,7 @@ from worker.convert import convert, load_volume, source_instances
 from worker.delivery import DemoModelGuardError, check_demo_guard, deliver
 from worker.inference import generate_report
 from worker.jobs import JobBook, Step
-from worker.reports import build_and_store, findings_to_json
+from worker.reports import build_and_store, build_not_analysed, findings_to_json, has_not_analysed_report
 from worker.runtime import get_runtime
 
 logger = logging.getLogger("brain3d.worker")
@@ -59,7 +59,7 @@ def run_job(job_id: int) -> None:
             with book.heartbeat(job_id):
                 sources = convert(book.runtime, job)
         except (GeometryError, ConversionError) as error:
-            book.finish(job_id, JobState.NOT_ANALYSED, str(error))
+            _not_analysed(book, job_id, str(error))
             return
         except Exception as error:
             _fail(book, job_id, Step.CONVERT, error)
@@ -67,6 +67,20 @@ def run_job(job_id: int) -> None:
         book.complete(job_id, Step.CONVERT, input_hash=sources.input_hash)
         book.event(job, "conversion", Outcome.SUCCESS, {"instances": len(sources.paths)})
     chain(infer.si(job_id), build_reports.si(job_id), deliver_reports.si(job_id)).apply_async()
+
+
+def _not_analysed(book: JobBook, job_id: int, reason: str) -> None:
+    """End a job whose series the model must not read; optionally send an SR saying why."""
+    runtime = book.runtime
+    if not runtime.settings.delivery.not_analysed_report:
+        book.finish(job_id, JobState.NOT_ANALYSED, reason)
+        return
+    job = book.get(job_id)
+    build_not_analysed(
+        runtime, job, source_instances(runtime, job), runtime.model_identity, reason, content_time=utcnow()
+    )
+    book.note_reason(job_id, reason)
+    deliver_reports.delay(job_id)
 
 
 @shared_task(name=INFER_TASK)
@@ -133,16 +147,23 @@ def deliver_reports(self, job_id: int) -> None:
     if job is None:
         return
     settings = runtime.settings.delivery
+    # A series that was not analysed keeps that state and its reason once its short SR is out.
+    if has_not_analysed_report(runtime, job):
+        final_state, final_reason = JobState.NOT_ANALYSED, job.error_reason
+    else:
+        final_state, final_reason = JobState.SUCCEEDED, None
     if settings.shadow_mode or not runtime.settings.destinations:
         book.complete(job_id, Step.DELIVER)
         book.finish(
-            job_id, JobState.SUCCEEDED, "shadow mode: SRs kept locally" if settings.shadow_mode else None
+            job_id,
+            final_state,
+            final_reason or ("shadow mode: SRs kept locally" if settings.shadow_mode else None),
         )
         return
     result = deliver(runtime, job)
     if result.complete:
         book.complete(job_id, Step.DELIVER)
-        book.finish(job_id, JobState.SUCCEEDED)
+        book.finish(job_id, final_state, final_reason)
         return
     if self.request.retries >= settings.max_retries:
         reason = f"delivery failed after {self.request.retries + 1} attempts: " + "; ".join(result.failures)
