@@ -118,12 +118,14 @@ def _closest_voxel_size(affine_lps: np.ndarray, direction: np.ndarray) -> float:
 
 
 def _format_ds(values: Sequence[float]) -> list[str]:
-    """Decimal strings of at most 16 characters, as DS requires."""
+    """Decimal strings with as many significant digits as DS's 16 characters allow."""
     out = []
     for value in values:
-        v = 0.0 if abs(value) < 5e-7 else float(value)
-        text = f"{v:.6f}".rstrip("0").rstrip(".")
-        out.append(text if len(text) <= 16 else f"{v:.10g}"[:16])
+        v = 0.0 if abs(value) < 1e-9 else float(value)
+        digits = 12
+        while len(text := f"{v:.{digits}g}") > 16:
+            digits -= 1
+        out.append(text)
     return out
 
 
