@@ -1,0 +1,308 @@
+"""Build the two Structured Reports of an analysed series, and the short "not analysed" one.
+
+``build_reports(sources, report_text, findings, algorithm, *, input_hash, content_datetime,
+synthetic_demo, predecessors=()) -> ReportPair(narrative, measurement)``
+
+- ``sources``: the series' instances (headers suffice: read with ``stop_before_pixels``);
+  the SRs join their study, copy their patient module and list exactly them as evidence.
+- ``findings``: ``parse(report_text)``, never a second model output, so text and codes agree.
+- ``content_datetime``: when the report was made (the job's inference time). It becomes
+  ContentDate/Time and every other date the SR carries, so the same inputs give the same bytes.
+- ``predecessors``: earlier SRs of the same series (re-processing after late instances),
+  cited in PredecessorDocumentsSequence.
+
+Series and SOP Instance UIDs are derived from the source series UID, the model version and
+checkpoint hash, and the input content hash (``report_uids``): re-running a job re-creates
+the same objects, so a PACS stores each SR once however often it is delivered.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import highdicom as hd
+from pydicom import Dataset, dcmwrite
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, DT, TM
+
+from dicom_node.identity import MANUFACTURER, SOFTWARE_VERSION
+from dicom_node.sr import codes as sr_codes
+from dicom_node.sr.measurement import measurement_report
+from dicom_node.sr.narrative import impression_for, narrative_content
+from inference.report_schema import Findings
+
+AI_DISCLAIMER = "AI-generated report, not reviewed by a radiologist."
+DEMO_DISCLAIMER = "Synthetic demo model - not for clinical use."
+SERIES_DESCRIPTION = "Brain3D AI report (unverified)"
+NARRATIVE_INSTANCE_NUMBER = 1
+MEASUREMENT_INSTANCE_NUMBER = 2
+
+# Type 2 attributes highdicom reads from the first source; absent ones are written empty.
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+#: Namespace of the node's name-based UUIDs (RFC 4122 version 5).
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:brain3d-node:structured-reports")
+
+
+def derived_uid(*parts: str) -> str:
+    """A 2.25 UID from a name-based UUID of ``parts``: the same parts, the same UID.
+
+    Not ``dicom_node.identity.derived_uid``: pydicom's ``generate_uid(prefix=None, ...)``
+    ignores ``entropy_srcs`` and returns a random UUID, which would break exactly-once delivery.
+    """
+    if not parts:
+        raise ValueError("derived_uid needs at least one part")
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
+
+
+@dataclass(frozen=True)
+class AlgorithmIdentity:
+    """Which model wrote the report (TID 4019 and the device observer)."""
+
+    name: str
+    version: str
+    checkpoint_sha256: str
+
+
+@dataclass(frozen=True)
+class ReportUIDs:
+    """The derived identity of one series' SRs."""
+
+    series: str
+    narrative: str
+    measurement: str
+    not_analysed: str
+    tracking: str
+
+
+@dataclass(frozen=True)
+class ReportPair:
+    narrative: Dataset
+    measurement: Dataset
+
+
+def report_uids(source_series_uid: str, algorithm: AlgorithmIdentity, input_hash: str) -> ReportUIDs:
+    """UIDs from source series + model version + checkpoint + input content: same inputs, same UIDs."""
+    parts = (source_series_uid, algorithm.name, algorithm.version, algorithm.checkpoint_sha256, input_hash)
+    return ReportUIDs(
+        series=derived_uid("sr-series", *parts),
+        narrative=derived_uid("sr-narrative", *parts),
+        measurement=derived_uid("sr-measurement", *parts),
+        not_analysed=derived_uid("sr-not-analysed", *parts),
+        tracking=derived_uid("sr-tracking", *parts),
+    )
+
+
+def build_reports(
+    sources: Sequence[Dataset],
+    report_text: str,
+    findings: Findings,
+    algorithm: AlgorithmIdentity,
+    *,
+    input_hash: str,
+    content_datetime: datetime,
+    synthetic_demo: bool,
+    predecessors: Sequence[Dataset] = (),
+) -> ReportPair:
+    """The narrative (TID 2000, Comprehensive SR) and coded (TID 1500, Comprehensive 3D SR) SRs."""
+    evidence = _evidence(sources)
+    uids = report_uids(evidence[0].SeriesInstanceUID, algorithm, input_hash)
+    disclaimers = _disclaimers(synthetic_demo)
+    context = _observation_context(algorithm)
+    narrative_root = narrative_content(
+        findings_text=report_text,
+        impression=impression_for(findings),
+        disclaimers=disclaimers,
+        observation_context=context,
+    )
+    narrative = _document(
+        hd.sr.ComprehensiveSR,
+        evidence,
+        narrative_root,
+        uids.series,
+        uids.narrative,
+        NARRATIVE_INSTANCE_NUMBER,
+        algorithm,
+        content_datetime,
+        predecessors,
+    )
+    coded = measurement_report(
+        findings=findings,
+        observation_context=context,
+        algorithm=hd.sr.AlgorithmIdentification(
+            name=algorithm.name,
+            version=algorithm.version,
+            parameters=[f"checkpoint sha256 {algorithm.checkpoint_sha256}", f"input sha256 {input_hash}"],
+            manufacturer=MANUFACTURER,
+        ),
+        tracking_uid=uids.tracking,
+        disclaimers=disclaimers,
+    )
+    measurement = _document(
+        hd.sr.Comprehensive3DSR,
+        evidence,
+        coded,
+        uids.series,
+        uids.measurement,
+        MEASUREMENT_INSTANCE_NUMBER,
+        algorithm,
+        content_datetime,
+        predecessors,
+    )
+    return ReportPair(narrative=narrative, measurement=measurement)
+
+
+def not_analysed_report(
+    sources: Sequence[Dataset],
+    reason: str,
+    algorithm: AlgorithmIdentity,
+    *,
+    input_hash: str,
+    content_datetime: datetime,
+    synthetic_demo: bool = False,
+    predecessors: Sequence[Dataset] = (),
+) -> Dataset:
+    """A short TID 2000 SR saying the series was not analysed, and why."""
+    evidence = _evidence(sources)
+    uids = report_uids(evidence[0].SeriesInstanceUID, algorithm, input_hash)
+    root = narrative_content(
+        findings_text=f"This series was not analysed: {reason}",
+        impression="Not analysed by the AI model; no findings are reported.",
+        disclaimers=_disclaimers(synthetic_demo),
+        observation_context=_observation_context(algorithm),
+    )
+    return _document(
+        hd.sr.ComprehensiveSR,
+        evidence,
+        root,
+        uids.series,
+        uids.not_analysed,
+        NARRATIVE_INSTANCE_NUMBER,
+        algorithm,
+        content_datetime,
+        predecessors,
+    )
+
+
+def sr_bytes(dataset: Dataset) -> bytes:
+    """The Part 10 file bytes of an SR: what is persisted, delivered and re-delivered."""
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _disclaimers(synthetic_demo: bool) -> list[str]:
+    return [AI_DISCLAIMER, DEMO_DISCLAIMER] if synthetic_demo else [AI_DISCLAIMER]
+
+
+def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
+    """The sources, one per SOP Instance UID, in a stable order, with Type 2 gaps filled."""
+    if not sources:
+        raise ValueError("an SR needs at least one source instance")
+    series = {ds.SeriesInstanceUID for ds in sources}
+    if len(series) != 1:
+        raise ValueError(f"sources span {len(series)} series; an SR reports on one")
+    unique = {ds.SOPInstanceUID: ds for ds in sources}
+    ordered = sorted(unique.values(), key=lambda ds: (int(ds.get("InstanceNumber") or 0), ds.SOPInstanceUID))
+    first = Dataset()
+    first.update(ordered[0])
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in first or first[keyword].value is None:
+            setattr(first, keyword, "")
+    return [first, *ordered[1:]]
+
+
+def _observation_context(algorithm: AlgorithmIdentity) -> hd.sr.ObservationContext:
+    """TID 1001/1002/1004: the device observer is the model, named by its exact checkpoint."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("device-observer", algorithm.name, algorithm.version, algorithm.checkpoint_sha256),
+        name=algorithm.name,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{algorithm.name} {algorithm.version}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _series_number(source: Dataset) -> int:
+    """Beside the source series in a viewer's list: 9000 + the source's number."""
+    return 9000 + int(source.get("SeriesNumber") or 0) % 1000
+
+
+def _document(
+    sop_class: type[hd.sr.ComprehensiveSR] | type[hd.sr.Comprehensive3DSR],
+    evidence: list[Dataset],
+    content: Dataset,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int,
+    algorithm: AlgorithmIdentity,
+    content_datetime: datetime,
+    predecessors: Sequence[Dataset],
+) -> Dataset:
+    document = sop_class(
+        evidence=evidence,
+        content=content,
+        series_instance_uid=series_uid,
+        series_number=_series_number(evidence[0]),
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=list(predecessors) or None,
+        record_evidence=True,
+        content_date=content_datetime.date(),
+        content_time=content_datetime.time(),
+        series_date=content_datetime.date(),
+        series_time=content_datetime.time(),
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=f"{algorithm.name} {algorithm.version}",
+        software_versions=SOFTWARE_VERSION,
+    )
+    _pin_times(document, content_datetime)
+    if any(code.scheme_designator == sr_codes.LOCAL_SCHEME for code in _codes_in(document)):
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = sr_codes.LOCAL_SCHEME
+        scheme.CodingSchemeName = sr_codes.LOCAL_SCHEME_NAME
+        scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+        document.CodingSchemeIdentificationSequence = [scheme]
+    return document
+
+
+def _pin_times(document: Dataset, content_datetime: datetime) -> None:
+    """highdicom stamps 'now' in three places; the report's own time replaces it."""
+    document.InstanceCreationDate = DA(content_datetime.date())
+    document.InstanceCreationTime = TM(content_datetime.time())
+    for item in document.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = DT(content_datetime)
+    if content_datetime.tzinfo is not None:
+        offset = content_datetime.strftime("%z")
+        document.TimezoneOffsetFromUTC = offset
+
+
+def _codes_in(dataset: Dataset):
+    for item in dataset.get("ContentSequence", []):
+        for key in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            yield from item.get(key, [])
+        yield from _codes_in(item)

@@ -1,0 +1,76 @@
+"""Validate a written SR with the two independent checkers of Debian's packages.
+
+``dciodvfy`` (dicom3tools) checks the IOD: modules, attribute types, value
+representations, enumerated values. ``dsrdump`` (dcmtk) reads the document tree and checks
+the SR-specific constraints (relationship and value-type rules of the IOD). Each catches
+errors the other misses, so an SR is sent only when both report none. A tool that is not
+installed is skipped; ``available_validators`` says which ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+VALIDATORS = ("dciodvfy", "dsrdump")
+_TIMEOUT_S = 60
+
+
+def available_validators() -> tuple[str, ...]:
+    return tuple(name for name in VALIDATORS if shutil.which(name))
+
+
+def validate_sr(path: Path | str) -> list[str]:
+    """Errors found in the SR file at ``path`` by every installed validator (empty: valid).
+
+    Warnings are not errors (dciodvfy exits 0 when it finds only warnings).
+    """
+    path = Path(path)
+    errors: list[str] = []
+    if shutil.which("dciodvfy"):
+        errors += _dciodvfy(path)
+    if shutil.which("dsrdump"):
+        errors += _dsrdump(path)
+    return errors
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT_S, env=env, check=False)
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    result = _run("dciodvfy", str(path))
+    lines = (result.stdout + result.stderr).splitlines()
+    errors = [f"dciodvfy: {line.strip()}" for line in lines if line.startswith("Error")]
+    if result.returncode != 0 and not errors:
+        errors.append(f"dciodvfy: exit status {result.returncode}: {' '.join(lines[-3:])}")
+    return errors
+
+
+def _dsrdump(path: Path) -> list[str]:
+    result = _run("dsrdump", "+Pl", str(path))
+    lines = result.stderr.splitlines()
+    errors = [f"dsrdump: {line.strip()}" for line in lines if line.startswith(("E:", "F:"))]
+    if result.returncode != 0 and not errors:
+        errors.append(f"dsrdump: exit status {result.returncode}: {' '.join(lines[-3:])}")
+    return errors
+
+
+def warnings_of(path: Path | str) -> list[str]:
+    """Warnings both validators print (for documentation and review, not a gate)."""
+    path = Path(path)
+    found: list[str] = []
+    if shutil.which("dciodvfy"):
+        result = _run("dciodvfy", str(path))
+        found += [
+            f"dciodvfy: {line.strip()}"
+            for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Warning")
+        ]
+    if shutil.which("dsrdump"):
+        result = _run("dsrdump", "+Pl", str(path))
+        found += [f"dsrdump: {line.strip()}" for line in result.stderr.splitlines() if line.startswith("W:")]
+    return found

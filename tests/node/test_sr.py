@@ -1,0 +1,413 @@
+"""The Structured Reports: valid per dciodvfy and dsrdump, coded = text = truth, exact evidence,
+deterministic bytes and UIDs, predecessors, and the not-analysed report."""
+
+from __future__ import annotations
+
+import io
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pacs import enhanced_mr, mr_series
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.identity import MANUFACTURER, is_produced_by_node
+from dicom_node.sr import (
+    AI_DISCLAIMER,
+    DEMO_DISCLAIMER,
+    AlgorithmIdentity,
+    build_reports,
+    not_analysed_report,
+    read_coded_findings,
+    read_narrative,
+    report_uids,
+    sr_bytes,
+)
+from dicom_node.sr.validate import validate_sr
+from inference.report_schema import NORMAL, Findings, Lobe, Side, parse, render
+
+pytestmark = pytest.mark.dcmtk
+
+ALGORITHM = AlgorithmIdentity(name="Brain3D", version="0.1.0", checkpoint_sha256="a1" * 32)
+INPUT_HASH = "b2" * 32
+WHEN = datetime(2024, 5, 6, 10, 30, 15, 250000)
+
+LEFT_FRONTAL = Findings(
+    abnormal=True, side=Side.LEFT, lobes=frozenset({Lobe.FRONTAL}), edema=True, ventricular_compression=True
+)
+RIGHT_TEMPOROPARIETAL = Findings(
+    abnormal=True,
+    side=Side.RIGHT,
+    lobes=frozenset({Lobe.TEMPORAL, Lobe.PARIETAL}),
+    necrosis=True,
+    midline_shift=True,
+)
+BILATERAL_OCCIPITAL = Findings(
+    abnormal=True, side=Side.BILATERAL, lobes=frozenset({Lobe.OCCIPITAL}), edema=True
+)
+LEFT_CEREBELLUM = Findings(abnormal=True, side=Side.LEFT, lobes=frozenset({Lobe.CEREBELLUM}))
+
+CASES = {
+    "left": LEFT_FRONTAL,
+    "right": RIGHT_TEMPOROPARIETAL,
+    "bilateral": BILATERAL_OCCIPITAL,
+    "left-cerebellum": LEFT_CEREBELLUM,
+    "healthy": NORMAL,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _validators_installed() -> None:
+    from conftest import require_tool
+
+    require_tool("dciodvfy")
+    require_tool("dsrdump")
+
+
+def _coded_subset(findings: Findings) -> Findings:
+    """What the TID 1500 report codes of ``findings`` (enhancement and size stay in the text)."""
+    return Findings(
+        abnormal=findings.abnormal,
+        side=findings.side,
+        lobes=findings.lobes,
+        edema=findings.edema,
+        necrosis=findings.necrosis,
+        ventricular_compression=findings.ventricular_compression,
+        midline_shift=findings.midline_shift,
+    )
+
+
+def _written(dataset: Dataset, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.dcm"
+    path.write_bytes(sr_bytes(dataset))
+    return path
+
+
+def _evidence_uids(dataset: Dataset) -> set[str]:
+    return {
+        item.ReferencedSOPInstanceUID
+        for study in dataset.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+
+
+@pytest.mark.parametrize("demo", [False, True], ids=["clinical", "demo"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_reports_are_valid_and_say_what_the_text_says(case: str, demo: bool, tmp_path: Path) -> None:
+    truth = CASES[case]
+    text = render(truth, random.Random(7))
+    parsed = parse(text)
+    sources = mr_series(4, with_pixels=False)
+
+    pair = build_reports(
+        sources, text, parsed, ALGORITHM, input_hash=INPUT_HASH, content_datetime=WHEN, synthetic_demo=demo
+    )
+
+    for name, document in (("narrative", pair.narrative), ("measurement", pair.measurement)):
+        path = _written(document, tmp_path, name)
+        assert validate_sr(path) == [], name
+        back = pydicom.dcmread(path)
+        assert back.VerificationFlag == "UNVERIFIED"
+        assert back.CompletionFlag == "COMPLETE"
+        assert back.StudyInstanceUID == sources[0].StudyInstanceUID
+        assert back.SeriesInstanceUID != sources[0].SeriesInstanceUID
+        assert back.PatientID == sources[0].PatientID and back.PatientName == sources[0].PatientName
+        assert is_produced_by_node(back.Manufacturer, back.Modality)
+        assert _evidence_uids(back) == {ds.SOPInstanceUID for ds in sources}
+        assert "PertinentOtherEvidenceSequence" not in back
+        assert "PredecessorDocumentsSequence" not in back
+        assert (back.ContentDate, back.ContentTime) == ("20240506", "103015.250000")
+
+    measurement = pydicom.dcmread(_written(pair.measurement, tmp_path, "measurement"))
+    coded = read_coded_findings(measurement)
+    assert coded == _coded_subset(parsed) == _coded_subset(truth)
+    assert coded.side == parsed.side == truth.side  # the one field that must never flip
+
+    narrative = read_narrative(pydicom.dcmread(_written(pair.narrative, tmp_path, "narrative")))
+    assert narrative.findings == (text,)
+    assert parse(narrative.impressions[0]).side == truth.side
+    assert parse(narrative.impressions[0]).lobes == truth.lobes
+    expected_comments = (AI_DISCLAIMER, DEMO_DISCLAIMER) if demo else (AI_DISCLAIMER,)
+    assert narrative.comments == expected_comments
+
+
+def test_laterality_codes_are_snomed_left_and_right_not_swapped() -> None:
+    sources = mr_series(2, with_pixels=False)
+    left, right = (
+        build_reports(
+            sources,
+            render(f),
+            f,
+            ALGORITHM,
+            input_hash=INPUT_HASH,
+            content_datetime=WHEN,
+            synthetic_demo=False,
+        ).measurement
+        for f in (LEFT_FRONTAL, Findings(abnormal=True, side=Side.RIGHT, lobes=frozenset({Lobe.FRONTAL})))
+    )
+
+    def lateralities(document: Dataset) -> set[str]:
+        report = hd.sr.Comprehensive3DSR.from_dataset(document).content
+        group = report.get_image_measurement_groups()[0]
+        return {site.laterality.value for site in group.finding_sites}
+
+    assert lateralities(left) == {codes.SCT.Left.value} == {"7771000"}
+    assert lateralities(right) == {codes.SCT.Right.value} == {"24028007"}
+
+
+def test_round_trip_through_highdicom_srread(tmp_path: Path) -> None:
+    pair = build_reports(
+        mr_series(3, with_pixels=False),
+        render(RIGHT_TEMPOROPARIETAL),
+        RIGHT_TEMPOROPARIETAL,
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+    )
+    measurement = hd.sr.srread(_written(pair.measurement, tmp_path, "m"))
+    narrative = hd.sr.srread(_written(pair.narrative, tmp_path, "n"))
+
+    assert isinstance(measurement, hd.sr.Comprehensive3DSR)
+    assert isinstance(measurement.content, hd.sr.MeasurementReport)
+    group = measurement.content.get_image_measurement_groups()[0]
+    assert group.finding_type == codes.SCT.Lesion
+    assert {site.value for site in group.finding_sites} == {codes.SCT.TemporalLobe, codes.SCT.ParietalLobe}
+    algorithm = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmParameters)
+    assert f"checkpoint sha256 {ALGORITHM.checkpoint_sha256}" in {item.value for item in algorithm}
+    assert isinstance(narrative, hd.sr.ComprehensiveSR)
+    assert narrative.content[0].name == codes.LN.DiagnosticImagingReport
+    assert narrative.content[0].ContentTemplateSequence[0].TemplateIdentifier == "2000"
+    observer = hd.sr.utils.find_content_items(narrative.content[0], name=codes.DCM.DeviceObserverManufacturer)
+    assert [item.value for item in observer] == [MANUFACTURER]
+
+
+def test_same_inputs_give_identical_bytes_and_uids_follow_the_inputs() -> None:
+    sources = mr_series(5, with_pixels=False)
+    text = render(LEFT_FRONTAL)
+
+    def build(**changes) -> tuple[bytes, bytes, Dataset]:
+        arguments = {
+            "input_hash": INPUT_HASH,
+            "content_datetime": WHEN,
+            "synthetic_demo": True,
+            "algorithm": ALGORITHM,
+            "sources": sources,
+        } | changes
+        pair = build_reports(
+            arguments.pop("sources"), text, LEFT_FRONTAL, arguments.pop("algorithm"), **arguments
+        )
+        return sr_bytes(pair.narrative), sr_bytes(pair.measurement), pair.measurement
+
+    first, second = build(), build(sources=list(reversed(sources)) + sources[:2])  # order, duplicates
+    assert first[:2] == second[:2]
+    uids = report_uids(sources[0].SeriesInstanceUID, ALGORITHM, INPUT_HASH)
+    assert first[2].SOPInstanceUID == uids.measurement and first[2].SeriesInstanceUID == uids.series
+
+    later = build(content_datetime=datetime(2024, 5, 6, 11, 0, 0))
+    assert later[2].SOPInstanceUID == first[2].SOPInstanceUID  # time is not identity
+    assert later[:2] != first[:2]
+    other_input = build(input_hash="c3" * 32)[2]
+    other_model = build(algorithm=AlgorithmIdentity("Brain3D", "0.1.0", "d4" * 32))[2]
+    assert len({first[2].SOPInstanceUID, other_input.SOPInstanceUID, other_model.SOPInstanceUID}) == 3
+    assert (
+        len({first[2].SeriesInstanceUID, other_input.SeriesInstanceUID, other_model.SeriesInstanceUID}) == 3
+    )
+
+
+def test_uids_are_the_same_in_another_process() -> None:
+    """Exactly-once delivery rests on this: a worker on another machine derives the same UIDs."""
+    import subprocess
+    import sys
+
+    program = (
+        "from dicom_node.sr import AlgorithmIdentity, report_uids;"
+        f"a = AlgorithmIdentity('Brain3D', '0.1.0', '{ALGORITHM.checkpoint_sha256}');"
+        "u = report_uids('1.2.3', a, 'h');"
+        "print(u.series, u.narrative, u.measurement)"
+    )
+    there = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True
+    ).stdout.split()
+    here = report_uids("1.2.3", ALGORITHM, "h")
+    assert there == [here.series, here.narrative, here.measurement]
+    for uid in there:
+        assert uid.startswith("2.25.") and len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
+
+
+def test_only_time_fields_differ_between_two_report_times() -> None:
+    sources = mr_series(2, with_pixels=False)
+    a, b = (
+        build_reports(
+            sources,
+            render(LEFT_FRONTAL),
+            LEFT_FRONTAL,
+            ALGORITHM,
+            input_hash=INPUT_HASH,
+            content_datetime=t,
+            synthetic_demo=False,
+        ).narrative
+        for t in (WHEN, datetime(2025, 1, 1, 0, 0, 0))
+    )
+    differing = {element.keyword for element in a if element.value != b.get(element.tag).value}
+    assert differing <= {
+        "ContentDate",
+        "ContentTime",
+        "SeriesDate",
+        "SeriesTime",
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "ContributingEquipmentSequence",
+    }
+
+
+def test_timezone_aware_report_time_records_its_offset(tmp_path: Path) -> None:
+    pair = build_reports(
+        mr_series(1, with_pixels=False),
+        render(NORMAL),
+        NORMAL,
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN.replace(tzinfo=UTC),
+        synthetic_demo=False,
+    )
+    assert pair.narrative.TimezoneOffsetFromUTC == "+0000"
+    assert validate_sr(_written(pair.narrative, tmp_path, "n")) == []
+
+
+def test_reprocessed_series_cites_its_predecessors(tmp_path: Path) -> None:
+    sources = mr_series(3, with_pixels=False)
+    first = build_reports(
+        sources,
+        render(LEFT_FRONTAL),
+        LEFT_FRONTAL,
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+    )
+    late = mr_series(
+        1, study_uid=sources[0].StudyInstanceUID, series_uid=sources[0].SeriesInstanceUID, with_pixels=False
+    )
+    late[0].InstanceNumber = 4
+    second = build_reports(
+        sources + late,
+        render(LEFT_FRONTAL),
+        LEFT_FRONTAL,
+        ALGORITHM,
+        input_hash="e5" * 32,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+        predecessors=[first.narrative, first.measurement],
+    )
+    for name, document in (("n", second.narrative), ("m", second.measurement)):
+        path = _written(document, tmp_path, name)
+        assert validate_sr(path) == []
+        back = pydicom.dcmread(path)
+        cited = {
+            item.ReferencedSOPInstanceUID
+            for study in back.PredecessorDocumentsSequence
+            for series in study.ReferencedSeriesSequence
+            for item in series.ReferencedSOPSequence
+        }
+        assert cited == {first.narrative.SOPInstanceUID, first.measurement.SOPInstanceUID}
+        assert _evidence_uids(back) == {ds.SOPInstanceUID for ds in sources + late}
+    assert second.narrative.SeriesInstanceUID != first.narrative.SeriesInstanceUID
+
+
+def test_not_analysed_report_says_why(tmp_path: Path) -> None:
+    sources = mr_series(3, with_pixels=False)
+    reason = "duplicate slice positions at 10.0 mm"
+    document = not_analysed_report(
+        sources, reason, ALGORITHM, input_hash=INPUT_HASH, content_datetime=WHEN, synthetic_demo=True
+    )
+    path = _written(document, tmp_path, "not-analysed")
+    assert validate_sr(path) == []
+    text = read_narrative(pydicom.dcmread(path))
+    assert reason in text.findings[0]
+    assert text.comments == (AI_DISCLAIMER, DEMO_DISCLAIMER)
+    assert _evidence_uids(document) == {ds.SOPInstanceUID for ds in sources}
+    assert (
+        document.SOPInstanceUID
+        == report_uids(sources[0].SeriesInstanceUID, ALGORITHM, INPUT_HASH).not_analysed
+    )
+
+
+def test_enhanced_mr_multiframe_source(tmp_path: Path) -> None:
+    source = enhanced_mr(10)
+    pair = build_reports(
+        [source],
+        render(BILATERAL_OCCIPITAL),
+        BILATERAL_OCCIPITAL,
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+    )
+    for name, document in (("n", pair.narrative), ("m", pair.measurement)):
+        assert validate_sr(_written(document, tmp_path, name)) == []
+        assert _evidence_uids(document) == {source.SOPInstanceUID}
+        evidence_class = document.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence_class.ReferencedSOPSequence[0].ReferencedSOPClassUID == source.SOPClassUID
+    assert read_coded_findings(pair.measurement).side is Side.BILATERAL
+
+
+def test_sparse_and_non_ascii_source_headers(tmp_path: Path) -> None:
+    sources = mr_series(2, patient_name="Müller^Jörg", with_pixels=False)
+    for ds in sources:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        del ds.PatientBirthDate, ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName
+    pair = build_reports(
+        sources,
+        render(LEFT_FRONTAL),
+        LEFT_FRONTAL,
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+    )
+    path = _written(pair.narrative, tmp_path, "n")
+    assert validate_sr(path) == []
+    assert str(pydicom.dcmread(path).PatientName) == "Müller^Jörg"
+    assert "PatientBirthDate" not in sources[0]  # the caller's datasets are not modified
+
+
+def test_sources_from_two_series_are_refused() -> None:
+    with pytest.raises(ValueError, match="2 series"):
+        build_reports(
+            mr_series(1, with_pixels=False) + mr_series(1, with_pixels=False),
+            "x",
+            NORMAL,
+            ALGORITHM,
+            input_hash=INPUT_HASH,
+            content_datetime=WHEN,
+            synthetic_demo=False,
+        )
+
+
+def test_validators_report_errors_of_a_broken_sr(tmp_path: Path) -> None:
+    pair = build_reports(
+        mr_series(1, with_pixels=False),
+        render(NORMAL),
+        NORMAL,
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+    )
+    missing_flag = pydicom.dcmread(io.BytesIO(sr_bytes(pair.narrative)))
+    del missing_flag.CompletionFlag
+    missing_flag.save_as(tmp_path / "flag.dcm")
+    errors = validate_sr(tmp_path / "flag.dcm")
+    assert any(e.startswith("dciodvfy:") and "CompletionFlag" in e for e in errors)
+
+    bad_relationship = pydicom.dcmread(io.BytesIO(sr_bytes(pair.narrative)))
+    bad_relationship.ContentSequence[2].RelationshipType = "HAS PROPERTIES"
+    bad_relationship.save_as(tmp_path / "tree.dcm")
+    errors = validate_sr(tmp_path / "tree.dcm")
+    assert any(e.startswith("dsrdump:") and "Relationship" in e for e in errors)
