@@ -1,0 +1,203 @@
+"""The geometry gate: is a series one regular 3D stack the model may read?
+
+Checked before conversion, from headers only, so a series that would convert into
+a wrong or distorted volume ends ``not_analysed`` with a reason instead:
+localizers, missing geometry, mixed orientations or image sizes, duplicate
+slices, too few slices, gaps (missing slices), uneven spacing and stacks whose
+slices are not stacked along their normal (gantry tilt, shear). Multi-frame
+Enhanced MR is read through its functional groups (Plane Position / Plane
+Orientation / Pixel Measures, per frame or shared).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+#: Fewer slices than this is not a brain volume (a localizer or a partial series).
+DEFAULT_MIN_SLICES = 16
+#: Relative tolerance on slice spacing (5 %, dicom2nifti's own is similar).
+DEFAULT_SPACING_TOLERANCE = 0.05
+#: Direction cosines may differ this much between slices of one stack.
+ORIENTATION_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class GeometryVerdict:
+    """The gate's verdict; ``reason`` starts with a stable code, then the details."""
+
+    ok: bool
+    reason: str
+    slices: int = 0
+    slice_spacing: float | None = None
+    orientation: tuple[float, ...] | None = None
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class _Frame:
+    orientation: np.ndarray | None
+    position: np.ndarray | None
+    pixel_spacing: tuple[float, ...] | None
+    size: tuple[int, int]
+
+
+def _macro(groups: Dataset | None, keyword: str) -> Dataset | None:
+    if groups is None:
+        return None
+    sequence = groups.get(keyword)
+    return sequence[0] if sequence else None
+
+
+def _array(value: object) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        return np.array([float(v) for v in value], dtype=float)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+
+
+def _frames(ds: Dataset) -> list[_Frame]:
+    """One entry per image plane: each classic instance, each Enhanced MR frame."""
+    size = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        spacing = ds.get("PixelSpacing")
+        return [
+            _Frame(
+                _array(ds.get("ImageOrientationPatient")),
+                _array(ds.get("ImagePositionPatient")),
+                tuple(float(v) for v in spacing) if spacing else None,
+                size,
+            )
+        ]
+    shared_groups = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_groups[0] if shared_groups else None
+    frames = []
+    for groups in per_frame:
+        orientation = _macro(groups, "PlaneOrientationSequence") or _macro(shared, "PlaneOrientationSequence")
+        position = _macro(groups, "PlanePositionSequence") or _macro(shared, "PlanePositionSequence")
+        measures = _macro(groups, "PixelMeasuresSequence") or _macro(shared, "PixelMeasuresSequence")
+        spacing = measures.get("PixelSpacing") if measures is not None else None
+        frames.append(
+            _Frame(
+                _array(orientation.get("ImageOrientationPatient")) if orientation is not None else None,
+                _array(position.get("ImagePositionPatient")) if position is not None else None,
+                tuple(float(v) for v in spacing) if spacing else None,
+                size,
+            )
+        )
+    return frames
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return "LOCALIZER" in image_type or "SCOUT" in image_type
+
+
+def check_series_geometry(
+    datasets: Sequence[Dataset],
+    *,
+    min_slices: int = DEFAULT_MIN_SLICES,
+    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+) -> GeometryVerdict:
+    """Accept a series only if its planes form one regular stack of at least ``min_slices``."""
+    if not datasets:
+        return GeometryVerdict(False, "no_instances: the series has no instances")
+    if any(_is_localizer(ds) for ds in datasets):
+        return GeometryVerdict(False, "localizer: ImageType LOCALIZER/SCOUT in the series")
+    frames = [frame for ds in datasets for frame in _frames(ds)]
+    if any(f.orientation is None or f.orientation.size != 6 or f.position is None for f in frames):
+        return GeometryVerdict(False, "missing_geometry: ImageOrientationPatient/ImagePositionPatient absent")
+    if any(f.pixel_spacing is None for f in frames):
+        return GeometryVerdict(False, "missing_geometry: PixelSpacing absent")
+    orientations = np.array([f.orientation for f in frames], dtype=float)
+    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
+        distinct = {tuple(np.round(o, 3)) for o in orientations}
+        return GeometryVerdict(False, f"mixed_orientations: {len(distinct)} image orientations in one series")
+    if len({(f.size, f.pixel_spacing) for f in frames}) > 1:
+        return GeometryVerdict(
+            False, "mixed_image_size: rows, columns or pixel spacing differ between slices"
+        )
+    normal = np.cross(orientations[0, :3], orientations[0, 3:])
+    positions = np.array([f.position for f in frames], dtype=float)
+    along = positions @ normal
+    order = np.argsort(along)
+    sorted_along = along[order]
+    orientation = tuple(float(v) for v in orientations[0])
+    steps = np.diff(sorted_along)
+    duplicates = int(np.sum(steps < 1e-3))
+    if duplicates:
+        return GeometryVerdict(
+            False,
+            f"duplicate_slices: {duplicates} slice position(s) occur twice",
+            len(frames),
+            None,
+            orientation,
+        )
+    count = len(frames)
+    expected = _declared_count(datasets)
+    if expected is not None and expected > count:
+        return GeometryVerdict(
+            False, f"missing_slices: {count} of {expected} declared images present", count, None, orientation
+        )
+    if count < min_slices:
+        return GeometryVerdict(
+            False, f"too_few_slices: {count} slices, at least {min_slices} needed", count, None, orientation
+        )
+    spacing = float(np.median(steps))
+    gaps = steps > spacing * 1.5
+    if gaps.any():
+        missing = int(np.round(steps[gaps] / spacing).sum() - gaps.sum())
+        return GeometryVerdict(
+            False,
+            f"missing_slices: about {missing} slice(s) missing, largest gap {steps.max():.2f} mm "
+            f"for a spacing of {spacing:.2f} mm",
+            count,
+            spacing,
+            orientation,
+        )
+    deviation = float(np.abs(steps - spacing).max())
+    if deviation > max(spacing_tolerance * spacing, 0.01):
+        return GeometryVerdict(
+            False,
+            f"uneven_spacing: slice spacing varies by {deviation:.3f} mm around {spacing:.3f} mm",
+            count,
+            spacing,
+            orientation,
+        )
+    sorted_positions = positions[order]
+    in_plane_drift = (sorted_positions[-1] - sorted_positions[0]) - (
+        sorted_along[-1] - sorted_along[0]
+    ) * normal
+    if np.linalg.norm(in_plane_drift) > max(spacing_tolerance * spacing, 0.01) * count:
+        return GeometryVerdict(
+            False,
+            f"skewed_stack: slices shift {np.linalg.norm(in_plane_drift):.2f} mm in-plane across the stack "
+            "(gantry tilt or shear)",
+            count,
+            spacing,
+            orientation,
+        )
+    return GeometryVerdict(True, f"ok: {count} slices, spacing {spacing:.3f} mm", count, spacing, orientation)
+
+
+def _declared_count(datasets: Sequence[Dataset]) -> int | None:
+    """ImagesInAcquisition of classic instances, when every instance states the same count."""
+    if any(ds.get("PerFrameFunctionalGroupsSequence") for ds in datasets):
+        return None
+    declared = {ds.get("ImagesInAcquisition") for ds in datasets}
+    if len(declared) != 1:
+        return None
+    (value,) = declared
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
