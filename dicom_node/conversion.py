@@ -1,0 +1,167 @@
+"""Series to NIfTI: the geometry gate, then dicom2nifti, then an independent affine check.
+
+dicom2nifti builds the NIfTI affine in RAS+ from the DICOM LPS headers (it negates
+the x and y rows of the LPS slice affine). Because a left-right error is the worst
+failure of this product, the affine it returns is checked against one computed
+here from the headers alone (IOP, IPP, PixelSpacing): a disagreement of more than
+a hundredth of a millimetre raises :class:`ConversionError` rather than pass a
+possibly mirrored volume on. The returned image is RAS-canonical
+(``nibabel.as_closest_canonical``), the layout ``inference.prepare`` expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import dicom2nifti
+import dicom2nifti.settings
+import nibabel as nib
+import numpy as np
+import pydicom
+from dicom2nifti.exceptions import ConversionError as Dicom2niftiConversionError
+from dicom2nifti.exceptions import ConversionValidationError
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.geometry import DEFAULT_MIN_SLICES, GeometryVerdict, check_series_geometry
+
+log = logging.getLogger(__name__)
+
+#: LPS <-> RAS: negate x and y.
+_FLIP_XY = np.diag([-1.0, -1.0, 1.0])
+#: Largest disagreement (mm) tolerated between dicom2nifti's affine and ours.
+AFFINE_TOLERANCE_MM = 0.01
+
+
+class ConversionError(Exception):
+    """The series cannot be turned into a volume; ``reason`` goes to the job and the audit trail."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class GeometryError(ConversionError):
+    """The geometry gate refused the series before conversion."""
+
+    def __init__(self, verdict: GeometryVerdict) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
+
+
+def _configure_dicom2nifti() -> None:
+    """Validation on, resampling off: an irregular stack is refused, never silently reshaped."""
+    dicom2nifti.settings.enable_validate_slicecount()
+    dicom2nifti.settings.enable_validate_orientation()
+    dicom2nifti.settings.enable_validate_orthogonal()
+    dicom2nifti.settings.enable_validate_slice_increment()
+    dicom2nifti.settings.disable_resampling()
+
+
+def _read(files: Sequence[Path]) -> list[Dataset]:
+    datasets = []
+    for path in files:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise ConversionError(f"unreadable: {Path(path).name}: {exc}") from None
+    return datasets
+
+
+def _frame_geometry(ds: Dataset) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
+    """(IOP, IPP, PixelSpacing) of every frame, classic or Enhanced."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        return [
+            (
+                np.array(ds.ImageOrientationPatient, dtype=float),
+                np.array(ds.ImagePositionPatient, dtype=float),
+                (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+            )
+        ]
+    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else Dataset()
+
+    def macro(groups: Dataset, keyword: str) -> Dataset:
+        return (groups.get(keyword) or shared.get(keyword))[0]
+
+    return [
+        (
+            np.array(macro(groups, "PlaneOrientationSequence").ImageOrientationPatient, dtype=float),
+            np.array(macro(groups, "PlanePositionSequence").ImagePositionPatient, dtype=float),
+            tuple(float(v) for v in macro(groups, "PixelMeasuresSequence").PixelSpacing),  # type: ignore[misc]
+        )
+        for groups in per_frame
+    ]
+
+
+def _check_affine(affine: np.ndarray, datasets: Sequence[Dataset]) -> None:
+    """dicom2nifti's affine must put voxel (0, 0, k) on the first pixel of the k-th frame, in RAS.
+
+    Array axis 0 runs along the image rows (IOP's first triplet), axis 1 down the
+    columns, axis 2 through the frames in stack order along the slice normal, one
+    way or the other (dicom2nifti sorts classic slices by their largest coordinate
+    and Enhanced frames by in-stack position).
+    """
+    frames = [frame for ds in datasets for frame in _frame_geometry(ds)]
+    iop, _, (row_spacing, column_spacing) = frames[0]
+    normal = np.cross(iop[:3], iop[3:])
+    expected_axes = np.stack([_FLIP_XY @ iop[:3] * column_spacing, _FLIP_XY @ iop[3:] * row_spacing], axis=1)
+    if not np.allclose(affine[:3, :2], expected_axes, atol=1e-4):
+        raise ConversionError("affine_mismatch: dicom2nifti's in-plane axes disagree with the headers")
+    stack = np.array(sorted((ipp for _, ipp, _ in frames), key=lambda p: float(p @ normal)))
+    slice_index = np.arange(len(stack))[:, None]
+    converted = slice_index * affine[:3, 2] + affine[:3, 3]
+    for order in (stack, stack[::-1]):
+        if np.abs(converted - order @ _FLIP_XY).max() <= AFFINE_TOLERANCE_MM:
+            return
+    raise ConversionError("affine_mismatch: dicom2nifti's slice positions disagree with the headers")
+
+
+def series_to_nifti(
+    files: Sequence[Path],
+    work_dir: Path | str,
+    *,
+    min_slices: int = DEFAULT_MIN_SLICES,
+) -> nib.Nifti1Image:
+    """Convert one series (classic MR slices or one Enhanced MR instance) to a RAS-canonical volume.
+
+    Raises :class:`GeometryError` when the gate refuses the series and
+    :class:`ConversionError` for anything else; both carry ``reason``. The NIfTI
+    file dicom2nifti writes is kept as ``work_dir/series.nii.gz`` for inspection.
+    """
+    if not files:
+        raise ConversionError("no_instances: no files given")
+    datasets = _read(files)
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series_uids) != 1:
+        raise ConversionError(f"mixed_series: {len(series_uids)} SeriesInstanceUIDs in one conversion")
+    (series_uid,) = series_uids
+    verdict = check_series_geometry(datasets, min_slices=min_slices)
+    if not verdict.ok:
+        log.info("geometry gate refused series %s: %s", series_uid, verdict.reason)
+        raise GeometryError(verdict)
+    if any("PixelData" not in ds for ds in datasets):
+        raise ConversionError("no_pixel_data: an instance carries no pixel data")
+    out = Path(work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    nifti_path = out / "series.nii.gz"
+    _configure_dicom2nifti()
+    try:
+        result = dicom2nifti.convert_dicom.dicom_array_to_nifti(
+            datasets, str(nifti_path), reorient_nifti=False
+        )
+    except (Dicom2niftiConversionError, ConversionValidationError) as exc:
+        raise ConversionError(f"dicom2nifti: {exc}") from None
+    except (ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise ConversionError(f"dicom2nifti: {type(exc).__name__}: {exc}") from None
+    image = result["NII"]
+    if image.ndim != 3:
+        raise ConversionError(f"not_3d: dicom2nifti produced shape {image.shape}")
+    _check_affine(image.affine, datasets)
+    canonical = nib.as_closest_canonical(image)
+    log.info(
+        "converted series %s to %s voxels %s", series_uid, canonical.shape, nib.aff2axcodes(canonical.affine)
+    )
+    return canonical

@@ -1,0 +1,89 @@
+"""series_to_nifti: exact round trips through dicom2nifti, typed errors, the affine cross-check."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.conversion import ConversionError, GeometryError, _check_affine, series_to_nifti
+from dicom_node.series_writer import write_series
+
+#: RAS-canonical input, 2 x 2.5 x 3 mm, so the converted canonical array must equal it.
+AFFINE = np.array([[2.0, 0, 0, -24], [0, 2.5, 0, -30], [0, 0, 3.0, -27], [0, 0, 0, 1]])
+
+
+def _volume() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 4000, size=(24, 22, 18)).astype(np.uint16)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"orientation": "sagittal", "reverse_slices": True},
+        {"orientation": "coronal", "flip_rows": True, "flip_columns": True},
+        {"patient_position": "FFP"},
+        {"enhanced": True},
+        {"enhanced": True, "orientation": "coronal", "reverse_slices": True},
+    ],
+    ids=[
+        "axial",
+        "sagittal-descending",
+        "coronal-flipped",
+        "axial-FFP",
+        "enhanced-axial",
+        "enhanced-coronal-desc",
+    ],
+)
+def test_round_trip_is_exact_for_unrotated_planes(tmp_path, options) -> None:
+    volume = _volume()
+    files = write_series(tmp_path / "dicom", volume, AFFINE, seed=1, **options)
+    image = series_to_nifti(files, tmp_path / "work")
+    assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(image.affine, AFFINE, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), volume)
+    assert (tmp_path / "work" / "series.nii.gz").is_file()
+
+
+def test_rescaled_intensities_come_back(tmp_path) -> None:
+    volume = np.linspace(-1.0, 3.0, 24 * 22 * 18).reshape(24, 22, 18)
+    files = write_series(tmp_path / "dicom", volume, AFFINE, seed=1, rescale=True)
+    image = series_to_nifti(files, tmp_path / "work")
+    np.testing.assert_allclose(image.get_fdata(), volume, atol=0.51 * 4.0 / 4095 + 1e-6)
+
+
+def test_geometry_gate_runs_first_and_is_typed(tmp_path) -> None:
+    files = write_series(tmp_path / "dicom", _volume(), AFFINE, seed=1)
+    with pytest.raises(GeometryError) as caught:
+        series_to_nifti([*files[:5], *files[6:]], tmp_path / "work")
+    assert caught.value.reason.startswith("missing_slices")
+    assert isinstance(caught.value, ConversionError)
+    assert not (tmp_path / "work" / "series.nii.gz").exists()
+
+
+def test_mixed_series_and_unreadable_files_are_conversion_errors(tmp_path) -> None:
+    first = write_series(tmp_path / "a", _volume(), AFFINE, seed=1)
+    second = write_series(tmp_path / "b", _volume(), AFFINE, seed=2)
+    with pytest.raises(ConversionError, match="mixed_series"):
+        series_to_nifti([*first, *second[:1]], tmp_path / "work")
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with pytest.raises(ConversionError, match="unreadable"):
+        series_to_nifti([*first, junk], tmp_path / "work")
+    with pytest.raises(ConversionError, match="no_instances"):
+        series_to_nifti([], tmp_path / "work")
+
+
+def test_affine_cross_check_rejects_a_mirrored_affine(tmp_path) -> None:
+    files = write_series(tmp_path / "dicom", _volume(), AFFINE, seed=1)
+    datasets = [pydicom.dcmread(path) for path in files]
+    # dicom2nifti's affine for an axial HFS series: rows run to the patient's left (RAS -x).
+    good = np.array([[-2.0, 0, 0, 22], [0, -2.5, 0, 22.5], [0, 0, 3.0, -27], [0, 0, 0, 1]])
+    _check_affine(good, datasets)
+    mirrored = good.copy()
+    mirrored[0, 0], mirrored[0, 3] = 2.0, -24
+    with pytest.raises(ConversionError, match="affine_mismatch"):
+        _check_affine(mirrored, datasets)
