@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -269,7 +269,14 @@ def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
 
 
 def _classic_instances(
-    base: Dataset, preset: AcquisitionPreset, grid: _Grid, order: list[int], stored, slope, intercept, seed
+    base: Dataset,
+    preset: AcquisitionPreset,
+    grid: _Grid,
+    order: list[int],
+    stored: np.ndarray,
+    slope: float,
+    intercept: float,
+    seed: int | None,
 ) -> list[Dataset]:
     datasets = []
     iop = _format_ds([*grid.row, *grid.col])
@@ -331,7 +338,14 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def _enhanced_instance(
-    base: Dataset, preset: AcquisitionPreset, grid: _Grid, order: list[int], stored, slope, intercept, seed
+    base: Dataset,
+    preset: AcquisitionPreset,
+    grid: _Grid,
+    order: list[int],
+    stored: np.ndarray,
+    slope: float,
+    intercept: float,
+    seed: int | None,
 ) -> Dataset:
     """One Enhanced MR Image (multi-frame) with the functional groups readers need.
 
@@ -612,8 +626,8 @@ def build_series(
     return _classic_instances(base, preset, grid, order, stored, slope, intercept, seed)
 
 
-def write_series(out_dir: Path | str, volume: np.ndarray, affine: np.ndarray, **options) -> list[Path]:
-    """Write :func:`build_series` to ``out_dir`` as ``<InstanceNumber>.dcm`` files (Part 10)."""
+def write_series(out_dir: Path | str, volume: np.ndarray, affine: np.ndarray, **options: Any) -> list[Path]:
+    """Write :func:`build_series` (same options) to ``out_dir`` as ``IM<InstanceNumber>.dcm`` files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
