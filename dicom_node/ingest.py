@@ -1,0 +1,575 @@
+"""Recording received instances in SQL with group commits across associations.
+
+Every association thread hands its SQL work to one writer thread (``GroupCommitter``)
+and waits on a future. The writer takes whatever work has queued up while it was
+committing the previous batch and commits it in one transaction, after fsyncing the
+spool folders the batch renamed files into: the C-STORE handler answers success only
+when its future resolves, i.e. when its bytes and its row are both durable. Batching
+needs no artificial delay: the longer a commit takes, the more work the next one carries.
+
+Series state (receiving / complete, generation) changes only in this thread, so the
+in-memory view of it kept here is authoritative for the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import logging
+import queue
+import threading
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.orm import Session
+
+from dicom_node.db.models import Association, Instance, Series, SeriesState, Study
+from dicom_node.db.session import Database
+from dicom_node.identity import is_produced_by_node
+from dicom_node.spool import SpooledInstance, fsync_dir
+
+log = logging.getLogger(__name__)
+
+# Core tables, not ORM entities: the hot path skips the ORM's per-statement overhead.
+INSTANCES = Instance.__table__
+SERIES = Series.__table__
+
+T = TypeVar("T")
+
+ENHANCED_MR_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+        "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image Storage
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+    }
+)
+_LAST_HEADER_TAG = 0x00280008  # NumberOfFrames: every tag read here sorts at or before it
+_HEADER_TAGS: list[BaseTag | int] = [
+    Tag(keyword)
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "Modality",
+        "Manufacturer",
+        "SeriesDescription",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "InstanceNumber",
+        "ImagesInAcquisition",
+        "InConcatenationTotalNumber",
+        "NumberOfFrames",
+    )
+]
+
+
+class MalformedDatasetError(ValueError):
+    """A received dataset whose header cannot be read or lacks the identifying UIDs."""
+
+
+def _text(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip()
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes; every time this node stores is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class InstanceHeaders:
+    """The few header values the node needs from an instance, read without its pixels."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str | None = None
+    modality: str | None = None
+    instance_number: int | None = None
+    images_in_acquisition: int | None = None
+    number_of_frames: int | None = None
+    in_concatenation_total: int | None = None
+    manufacturer: str | None = None
+    series_description: str | None = None
+    series_number: int | None = None
+
+    @property
+    def expected_instances(self) -> int | None:
+        """How many instances the series should have, when the headers say so."""
+        if self.in_concatenation_total and self.in_concatenation_total > 0:
+            return self.in_concatenation_total
+        if self.number_of_frames and self.sop_class_uid in ENHANCED_MR_CLASSES:
+            return 1  # the whole volume is in one multi-frame instance
+        if self.images_in_acquisition and self.images_in_acquisition > 0:
+            return self.images_in_acquisition
+        return None
+
+    @property
+    def produced_by_node(self) -> bool:
+        return is_produced_by_node(self.manufacturer, self.modality)
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset) -> InstanceHeaders:
+        study, series, sop = (
+            _text(dataset, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        )
+        if not (study and series and sop):
+            raise MalformedDatasetError("dataset lacks Study, Series or SOP Instance UID")
+        return cls(
+            study_uid=study,
+            series_uid=series,
+            sop_instance_uid=sop,
+            sop_class_uid=_text(dataset, "SOPClassUID"),
+            modality=_text(dataset, "Modality"),
+            instance_number=_integer(dataset, "InstanceNumber"),
+            images_in_acquisition=_integer(dataset, "ImagesInAcquisition"),
+            number_of_frames=_integer(dataset, "NumberOfFrames"),
+            in_concatenation_total=_integer(dataset, "InConcatenationTotalNumber"),
+            manufacturer=_text(dataset, "Manufacturer"),
+            series_description=_text(dataset, "SeriesDescription"),
+            series_number=_integer(dataset, "SeriesNumber"),
+        )
+
+
+def read_headers(dataset_bytes: bytes, transfer_syntax: UID) -> InstanceHeaders:
+    """Parse only the elements up to NumberOfFrames of the raw dataset bytes (no pixels)."""
+    if transfer_syntax.is_deflated:
+        try:
+            dataset_bytes = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise MalformedDatasetError(f"deflated dataset does not inflate: {exc}") from None
+    try:
+        dataset = read_dataset(
+            io.BytesIO(dataset_bytes),
+            transfer_syntax.is_implicit_VR,
+            transfer_syntax.is_little_endian,
+            stop_when=lambda tag, _vr, _length: tag > _LAST_HEADER_TAG,
+            specific_tags=_HEADER_TAGS,
+        )
+        return InstanceHeaders.from_dataset(dataset)
+    except MalformedDatasetError:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbage input
+        raise MalformedDatasetError(f"dataset header does not parse: {type(exc).__name__}: {exc}") from None
+
+
+class Batch:
+    """One transaction of the writer: its session, the folders to fsync, staged cache entries."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.connection: Connection = session.connection()
+        self.dirs_to_sync: set[Path] = set()
+        self.staged: dict[tuple[str, str], Any] = {}
+        # series id -> column values, written once per batch rather than once per instance
+        self.series_updates: dict[int, dict[str, Any]] = {}
+        self._after_commit: list[Callable[[], None]] = []
+
+    def flush_series_updates(self) -> None:
+        for series_id, values in self.series_updates.items():
+            self.connection.execute(update(SERIES).where(SERIES.c.id == series_id).values(**values))
+        self.series_updates.clear()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self._after_commit.append(callback)
+
+    def run_after_commit(self) -> None:
+        for callback in self._after_commit:
+            try:
+                callback()
+            except Exception:
+                log.exception("after-commit callback failed")
+
+
+Operation = Callable[[Batch], Any]
+
+
+class GroupCommitter:
+    """A single writer thread committing queued operations in shared transactions."""
+
+    def __init__(self, database: Database, *, max_batch: int = 512, name: str = "sql-writer") -> None:
+        self._database = database
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Operation, Future[Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.batches_committed = 0
+        self.operations_committed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, operation: Callable[[Batch], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((operation, future))
+        return future
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Commit what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            work = [first]
+            while len(work) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                work.append(item)
+            self._commit(work)
+
+    def _commit(self, work: list[tuple[Operation, Future[Any]]]) -> None:
+        try:
+            results = self._execute(work)
+        except Exception as exc:
+            if len(work) == 1:
+                log.exception("SQL operation failed")
+                work[0][1].set_exception(exc)
+                return
+            # One bad operation must not fail the others: retry each in its own transaction.
+            for item in work:
+                self._commit([item])
+            return
+        for (_operation, future), result in zip(work, results, strict=True):
+            future.set_result(result)
+
+    def _execute(self, work: list[tuple[Operation, Future[Any]]]) -> list[Any]:
+        with self._database.session() as session:
+            batch = Batch(session)
+            results = [operation(batch) for operation, _future in work]
+            batch.flush_series_updates()
+            for folder in batch.dirs_to_sync:
+                fsync_dir(folder)
+        batch.run_after_commit()
+        self.batches_committed += 1
+        self.operations_committed += len(work)
+        return results
+
+
+class InstanceOutcome(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: nothing new
+    CONFLICTING = "conflicting"  # same SOP Instance UID, different bytes: kept and flagged
+
+
+@dataclass
+class SeriesRecord:
+    """The writer's view of one series row (mutated only in the writer thread)."""
+
+    id: int
+    series_uid: str
+    study_uid: str
+    state: SeriesState
+    generation: int
+    expected_instances: int | None
+    produced_by_node: bool
+
+
+@dataclass(frozen=True)
+class InstanceRecorded:
+    """What listeners (the completeness tracker) learn after an instance's row committed."""
+
+    series: SeriesRecord
+    outcome: InstanceOutcome
+    new_uid: bool  # a SOP Instance UID the series did not have before
+    reopened: bool  # this instance re-opened a series that had been handed on
+    received_at: datetime
+
+
+class Ingest:
+    """SQL bookkeeping of the Storage SCP: associations, studies, series, instances."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.committer = GroupCommitter(database)
+        self._study_ids: dict[str, int] = {}
+        self._series: dict[str, SeriesRecord] = {}
+        self._listeners: list[Callable[[InstanceRecorded], None]] = []
+
+    def start(self) -> None:
+        self.committer.start()
+
+    def stop(self) -> None:
+        self.committer.stop()
+
+    def add_listener(self, listener: Callable[[InstanceRecorded], None]) -> None:
+        """Called in the writer thread after each commit; must be quick."""
+        self._listeners.append(listener)
+
+    # -- series state shared with the completeness tracker (writer thread only) ------------
+
+    def series_record(self, batch: Batch, series_uid: str) -> SeriesRecord | None:
+        """The series as this transaction sees it; mutate it, then ``stage_series``."""
+        staged = batch.staged.get(("series", series_uid))
+        if staged is not None:
+            return staged
+        cached = self._series.get(series_uid)
+        if cached is None:
+            row = batch.session.execute(
+                select(Series, Study.study_instance_uid)
+                .join(Study, Series.study_id == Study.id)
+                .where(Series.series_instance_uid == series_uid)
+            ).first()
+            if row is None:
+                return None
+            series, study_uid = row
+            cached = SeriesRecord(
+                id=series.id,
+                series_uid=series_uid,
+                study_uid=study_uid,
+                state=SeriesState(series.state),
+                generation=series.generation,
+                expected_instances=series.expected_instances,
+                produced_by_node=series.produced_by_node,
+            )
+        record = dataclasses.replace(cached)
+        self.stage_series(batch, record)
+        return record
+
+    def stage_series(self, batch: Batch, record: SeriesRecord) -> None:
+        """Make ``record`` the cached view once ``batch`` commits."""
+        if ("series", record.series_uid) not in batch.staged:
+            batch.after_commit(lambda: self._series.__setitem__(record.series_uid, record))
+        batch.staged[("series", record.series_uid)] = record
+
+    # -- operations --------------------------------------------------------------------------
+
+    def open_association(self, calling_ae: str, called_ae: str, address: str, port: int) -> Future[int]:
+        def operation(batch: Batch) -> int:
+            return batch.session.execute(
+                insert(Association)
+                .values(
+                    calling_ae=calling_ae[:16],
+                    called_ae=called_ae[:16],
+                    peer_address=address[:64],
+                    peer_port=port,
+                    started_at=datetime.now(UTC),
+                    outcome="open",
+                )
+                .returning(Association.id)
+            ).scalar_one()
+
+        return self.committer.submit(operation)
+
+    def close_association(
+        self, association_id: int, outcome: str, stored: int, duplicate: int, failed: int
+    ) -> Future[None]:
+        def operation(batch: Batch) -> None:
+            batch.session.execute(
+                update(Association)
+                .where(Association.id == association_id)
+                .values(
+                    ended_at=datetime.now(UTC),
+                    outcome=outcome,
+                    instances_stored=stored,
+                    instances_duplicate=duplicate,
+                    instances_failed=failed,
+                )
+            )
+
+        return self.committer.submit(operation)
+
+    def record_rejected_association(
+        self, calling_ae: str, called_ae: str, address: str, port: int
+    ) -> Future[int]:
+        def operation(batch: Batch) -> int:
+            now = datetime.now(UTC)
+            return batch.session.execute(
+                insert(Association)
+                .values(
+                    calling_ae=calling_ae[:16],
+                    called_ae=called_ae[:16],
+                    peer_address=address[:64],
+                    peer_port=port,
+                    started_at=now,
+                    ended_at=now,
+                    outcome="rejected",
+                )
+                .returning(Association.id)
+            ).scalar_one()
+
+        return self.committer.submit(operation)
+
+    def record_instance(
+        self,
+        headers: InstanceHeaders,
+        spooled: SpooledInstance,
+        *,
+        transfer_syntax_uid: str,
+        association_id: int | None,
+        received_at: datetime,
+    ) -> Future[InstanceOutcome]:
+        """Queue the instance's rows; the future resolves once they and its file are durable."""
+
+        def operation(batch: Batch) -> InstanceOutcome:
+            return self._record_instance(
+                batch, headers, spooled, transfer_syntax_uid, association_id, received_at
+            )
+
+        return self.committer.submit(operation)
+
+    def _study_id(self, batch: Batch, study_uid: str, received_at: datetime) -> int:
+        key = ("study", study_uid)
+        study_id = batch.staged.get(key) or self._study_ids.get(study_uid)
+        if study_id is None:
+            session = batch.session
+            study_id = session.execute(
+                select(Study.id).where(Study.study_instance_uid == study_uid)
+            ).scalar_one_or_none()
+            if study_id is None:
+                study_id = session.execute(
+                    insert(Study)
+                    .values(study_instance_uid=study_uid, first_received_at=received_at)
+                    .returning(Study.id)
+                ).scalar_one()
+            batch.staged[key] = study_id
+            batch.after_commit(lambda: self._study_ids.__setitem__(study_uid, study_id))
+        return study_id
+
+    def _series_for_instance(
+        self, batch: Batch, headers: InstanceHeaders, received_at: datetime
+    ) -> SeriesRecord:
+        record = self.series_record(batch, headers.series_uid)
+        if record is not None:
+            return record
+        study_id = self._study_id(batch, headers.study_uid, received_at)
+        series_id = batch.session.execute(
+            insert(Series)
+            .values(
+                series_instance_uid=headers.series_uid,
+                study_id=study_id,
+                modality=headers.modality,
+                series_number=headers.series_number,
+                series_description=(headers.series_description or None) and headers.series_description[:64],
+                expected_instances=headers.expected_instances,
+                state=SeriesState.RECEIVING,
+                generation=0,
+                first_received_at=received_at,
+                last_received_at=received_at,
+                produced_by_node=headers.produced_by_node,
+            )
+            .returning(Series.id)
+        ).scalar_one()
+        record = SeriesRecord(
+            id=series_id,
+            series_uid=headers.series_uid,
+            study_uid=headers.study_uid,
+            state=SeriesState.RECEIVING,
+            generation=0,
+            expected_instances=headers.expected_instances,
+            produced_by_node=headers.produced_by_node,
+        )
+        self.stage_series(batch, record)
+        return record
+
+    def _record_instance(
+        self,
+        batch: Batch,
+        headers: InstanceHeaders,
+        spooled: SpooledInstance,
+        transfer_syntax_uid: str,
+        association_id: int | None,
+        received_at: datetime,
+    ) -> InstanceOutcome:
+        connection = batch.connection
+        series = self._series_for_instance(batch, headers, received_at)
+        known_hashes = set(
+            connection.execute(
+                select(INSTANCES.c.sha256).where(INSTANCES.c.sop_instance_uid == headers.sop_instance_uid)
+            ).scalars()
+        )
+        if spooled.sha256 in known_hashes:
+            return InstanceOutcome.DUPLICATE
+
+        conflicting = bool(known_hashes)
+        connection.execute(
+            insert(INSTANCES).values(
+                sop_instance_uid=headers.sop_instance_uid,
+                sop_class_uid=headers.sop_class_uid or "",
+                transfer_syntax_uid=transfer_syntax_uid,
+                series_id=series.id,
+                association_id=association_id,
+                instance_number=headers.instance_number,
+                path=str(spooled.path),
+                size_bytes=spooled.size_bytes,
+                sha256=spooled.sha256,
+                conflicting=conflicting,
+                received_at=received_at,
+            )
+        )
+        if conflicting:
+            connection.execute(
+                update(INSTANCES)
+                .where(INSTANCES.c.sop_instance_uid == headers.sop_instance_uid)
+                .values(conflicting=True)
+            )
+        batch.dirs_to_sync.add(spooled.path.parent)
+
+        series_values = batch.series_updates.setdefault(series.id, {})
+        series_values["last_received_at"] = max(
+            received_at, series_values.get("last_received_at", received_at)
+        )
+        if series.expected_instances is None and headers.expected_instances is not None:
+            series.expected_instances = series_values["expected_instances"] = headers.expected_instances
+        reopened = series.state == SeriesState.COMPLETE
+        if reopened:
+            # New content after hand-off: the series is processed again, never silently dropped.
+            series.state = SeriesState.RECEIVING
+            series.generation += 1
+            series_values.update(
+                state=SeriesState.RECEIVING,
+                generation=series.generation,
+                completed_at=None,
+                completion_reason=None,
+                spool_removed_at=None,
+            )
+            log.info("series %s re-opened (generation %d)", series.series_uid, series.generation)
+
+        outcome = InstanceOutcome.CONFLICTING if conflicting else InstanceOutcome.STORED
+        if conflicting:
+            log.warning(
+                "instance %s received with different content; kept and flagged", headers.sop_instance_uid
+            )
+        event = InstanceRecorded(
+            series=dataclasses.replace(series),
+            outcome=outcome,
+            new_uid=not conflicting,
+            reopened=reopened,
+            received_at=received_at,
+        )
+        batch.after_commit(lambda: self._notify(event))
+        return outcome
+
+    def _notify(self, event: InstanceRecorded) -> None:
+        for listener in self._listeners:
+            listener(event)

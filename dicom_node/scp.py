@@ -1,0 +1,315 @@
+"""The Storage SCP: the seam between pynetdicom's events and the node's spool and SQL.
+
+Accepts Verification and Storage of every SOP class (including private ones a PACS
+forwards in a whole-study send) in every transfer syntax, with unlimited PDUs. Each
+C-STORE is written without decoding (file meta + the peer's bytes), and 0x0000 is
+answered only once the file is durable and its SQL row committed. Calling AEs outside
+the allowlist are rejected at association time and audited as security alerts; each
+accepted association gets one 110104 "instances transferred" audit event when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.audit import AuditTrail, EventID, EventTypeCode, Outcome, Participant, Role
+from dicom_node.config import NodeSettings, StorageSettings
+from dicom_node.ingest import Ingest, InstanceOutcome, MalformedDatasetError, read_headers
+from dicom_node.spool import Spool, UnsafeUIDError
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class
+STATUS_CANNOT_UNDERSTAND = 0xC210  # pynetdicom's "unable to decode the dataset"
+STATUS_PROCESSING_FAILURE = 0xC211
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+# Private and retired storage SOP classes forwarded by a PACS are accepted too: a
+# whole-study forward that gets one object rejected is a failed forward.
+_config.UNRESTRICTED_STORAGE_SERVICE = True
+
+
+@dataclass
+class AssociationLog:
+    """What one accepted association did, for its SQL row and its audit event."""
+
+    calling_ae: str
+    address: str
+    port: int
+    association_id: int | None = None
+    stored: int = 0
+    duplicate: int = 0
+    conflicting: int = 0
+    failed: int = 0
+    out_of_resources_audited: bool = False
+    studies: set[str] = field(default_factory=set)
+    outcome: str = "aborted"  # until a release is seen
+
+
+class StorageSCP:
+    """A running Storage SCP; ``start`` binds the port, ``stop`` drains and closes it."""
+
+    def __init__(
+        self,
+        node: NodeSettings,
+        storage: StorageSettings,
+        spool: Spool,
+        ingest: Ingest,
+        audit: AuditTrail,
+    ) -> None:
+        self.node = node
+        self.storage = storage
+        self.spool = spool
+        self.ingest = ingest
+        self.audit = audit
+        self._server: ThreadedAssociationServer | None = None
+        self._associations: dict[int, AssociationLog] = {}
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.node.ae_title)
+        ae.maximum_pdu_size = self.node.max_pdu_size
+        ae.maximum_associations = self.node.max_associations
+        ae.require_calling_aet = list(self.node.allowed_calling_aes)
+        ae.network_timeout = 60
+        ae.dimse_timeout = 60
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, lambda _event: STATUS_SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
+        ]
+        self._server = self.ae.start_server(
+            (self.node.host, self.node.port), block=False, evt_handlers=handlers
+        )
+        log.info("Storage SCP %s listening on %s:%d", self.node.ae_title, self.node.host, self.port)
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting, let running associations finish for a while, then abort the rest."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for association in server.active_associations:
+            log.warning("aborting association from %s at shutdown", association.requestor.ae_title)
+            association.abort()
+
+    # -- association life cycle -----------------------------------------------------------
+
+    def _participants(self, calling_ae: str, address: str) -> list[Participant]:
+        return [
+            Participant(Role.SOURCE, ae_title=calling_ae, network_address=address, requestor=True),
+            Participant(Role.DESTINATION, ae_title=self.node.ae_title, network_address=self.node.host),
+        ]
+
+    def _audit(self, event_id: EventID, outcome: Outcome, **kwargs: object) -> None:
+        """Audit without ever failing the DICOM exchange (a failure is logged loudly)."""
+        try:
+            self.audit.record(event_id, outcome, **kwargs)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("audit event %s could not be recorded", event_id)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        association = event.assoc
+        if not association.is_acceptor:
+            return
+        requestor = association.requestor
+        record = AssociationLog(
+            calling_ae=requestor.ae_title, address=requestor.address, port=int(requestor.port)
+        )
+        record.association_id = self.ingest.open_association(
+            record.calling_ae, self.node.ae_title, record.address, record.port
+        ).result()
+        with self._lock:
+            self._associations[id(association)] = record
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        calling_ae, address = requestor.ae_title, requestor.address
+        allowed = self.node.allowed_calling_aes
+        unknown = bool(allowed) and calling_ae not in allowed
+        log.warning("rejected association from %s at %s (unknown AE: %s)", calling_ae, address, unknown)
+        try:
+            self.ingest.record_rejected_association(
+                calling_ae, self.node.ae_title, address, int(requestor.port)
+            ).result()
+        except Exception:
+            log.exception("could not record the rejected association")
+        if unknown:
+            self._audit(
+                EventID.SECURITY_ALERT,
+                Outcome.MINOR_FAILURE,
+                event_type=EventTypeCode.NODE_AUTHENTICATION,
+                participants=self._participants(calling_ae, address),
+                detail={"reason": "calling AE title not in node.allowed_calling_aes"},
+            )
+
+    def _on_released(self, event: evt.Event) -> None:
+        with self._lock:
+            record = self._associations.get(id(event.assoc))
+        if record is not None:
+            record.outcome = "released"
+
+    def _on_connection_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            record = self._associations.pop(id(event.assoc), None)
+        if record is None or record.association_id is None:
+            return
+        try:
+            self.ingest.close_association(
+                record.association_id, record.outcome, record.stored, record.duplicate, record.failed
+            ).result()
+        except Exception:
+            log.exception("could not close association %d in SQL", record.association_id)
+        if record.failed:
+            outcome = (
+                Outcome.SERIOUS_FAILURE if not (record.stored or record.duplicate) else Outcome.MINOR_FAILURE
+            )
+        else:
+            outcome = Outcome.SUCCESS if record.outcome == "released" else Outcome.MINOR_FAILURE
+        studies = sorted(record.studies)
+        self._audit(
+            EventID.DICOM_INSTANCES_TRANSFERRED,
+            outcome,
+            action="C",
+            participants=self._participants(record.calling_ae, record.address),
+            study_uid=studies[0] if len(studies) == 1 else None,
+            detail={
+                "association_id": record.association_id,
+                "association_outcome": record.outcome,
+                "instances_stored": record.stored,
+                "instances_duplicate": record.duplicate,
+                "instances_conflicting": record.conflicting,
+                "instances_failed": record.failed,
+                "studies": studies,
+            },
+        )
+        log.info(
+            "association %d from %s %s: %d stored, %d duplicate, %d failed",
+            record.association_id,
+            record.calling_ae,
+            record.outcome,
+            record.stored,
+            record.duplicate,
+            record.failed,
+        )
+
+    # -- C-STORE --------------------------------------------------------------------------
+
+    def _fail(self, record: AssociationLog | None, reason: str, status: int, sop_class: str | None) -> int:
+        if record is not None:
+            record.failed += 1
+        log.warning("C-STORE refused with 0x%04X: %s", status, reason)
+        self._audit(
+            EventID.DICOM_INSTANCES_TRANSFERRED,
+            Outcome.SERIOUS_FAILURE,
+            action="C",
+            participants=self._participants(record.calling_ae, record.address) if record else (),
+            detail={
+                "association_id": record.association_id if record else None,
+                "reason": reason,
+                "sop_class_uid": sop_class,
+                "status": f"0x{status:04X}",
+            },
+        )
+        return status
+
+    def _on_store(self, event: evt.Event) -> int:
+        received_at = datetime.now(UTC)
+        association: Association = event.assoc
+        with self._lock:
+            record = self._associations.get(id(association))
+        request = event.request
+        sop_class = str(request.AffectedSOPClassUID)
+        transfer_syntax = event.context.transfer_syntax
+        dataset = event.encoded_dataset(include_meta=False)
+
+        try:
+            headers = read_headers(dataset, transfer_syntax)
+        except MalformedDatasetError as exc:
+            return self._fail(record, str(exc), STATUS_CANNOT_UNDERSTAND, sop_class)
+        if headers.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip():
+            return self._fail(
+                record, "SOP Instance UID differs from the request's", STATUS_DATASET_MISMATCH, sop_class
+            )
+
+        if self.spool.free_bytes() - len(dataset) < self.storage.min_free_bytes:
+            if record is not None:
+                record.failed += 1
+                if record.out_of_resources_audited:
+                    return STATUS_OUT_OF_RESOURCES
+                record.out_of_resources_audited = True
+            log.error("free disk below storage.min_free_bytes: answering Out of Resources")
+            self._audit(
+                EventID.DICOM_INSTANCES_TRANSFERRED,
+                Outcome.SERIOUS_FAILURE,
+                action="C",
+                participants=self._participants(record.calling_ae, record.address) if record else (),
+                study_uid=headers.study_uid,
+                series_uid=headers.series_uid,
+                detail={"reason": "free disk below storage.min_free_bytes", "status": "0xA700"},
+            )
+            return STATUS_OUT_OF_RESOURCES
+
+        file_meta = PREAMBLE + encode_file_meta(event.file_meta)
+        try:
+            spooled = self.spool.store(
+                headers.study_uid, headers.series_uid, headers.sop_instance_uid, file_meta, dataset
+            )
+        except UnsafeUIDError as exc:
+            return self._fail(record, str(exc), STATUS_DATASET_MISMATCH, sop_class)
+        except OSError as exc:
+            log.error("spool write failed for %s: %s", headers.sop_instance_uid, exc)
+            if record is not None:
+                record.failed += 1
+            return STATUS_OUT_OF_RESOURCES
+
+        try:
+            outcome = self.ingest.record_instance(
+                headers,
+                spooled,
+                transfer_syntax_uid=str(transfer_syntax),
+                association_id=record.association_id if record else None,
+                received_at=received_at,
+            ).result()
+        except Exception as exc:
+            log.exception("SQL record failed for %s", headers.sop_instance_uid)
+            return self._fail(record, f"database: {type(exc).__name__}", STATUS_PROCESSING_FAILURE, sop_class)
+
+        if record is not None:
+            record.studies.add(headers.study_uid)
+            if outcome is InstanceOutcome.DUPLICATE:
+                record.duplicate += 1
+            else:
+                record.stored += 1
+                record.conflicting += outcome is InstanceOutcome.CONFLICTING
+        return STATUS_SUCCESS

@@ -1,0 +1,171 @@
+"""Durable, decode-free storage of received instances under ``spool/<Study>/<Series>/``.
+
+An instance is written exactly as received (file meta plus the peer's dataset bytes)
+to a temporary file in ``spool/.incoming``, fsynced, then renamed into its series
+folder. The rename is made durable by fsyncing the series folder; that last step is
+left to the caller (``dirty_dirs``) so that one fsync covers every instance of a
+group commit. A SOP Instance UID already stored with the same dataset bytes is not
+written again; different bytes under the same UID are kept beside the first file
+under a content-hash suffix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+INCOMING_DIR = ".incoming"
+PREAMBLE_AND_PREFIX = 132
+# (0002,0000) UL group length in explicit VR little endian: tag, VR, 2-byte length, 4-byte value.
+_GROUP_LENGTH_ELEMENT = b"\x02\x00\x00\x00UL\x04\x00"
+_LOCK_STRIPES = 64
+# Lenient on purpose (some scanners emit non-conformant UIDs) but safe as a path component.
+_SAFE_UID = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,63}$")
+
+
+class UnsafeUIDError(ValueError):
+    """A UID that cannot be used as a file name (path traversal, empty, too long)."""
+
+
+def check_uid(uid: str) -> str:
+    """``uid`` when it is safe as a single path component, else UnsafeUIDError."""
+    if not _SAFE_UID.match(uid) or ".." in uid:
+        raise UnsafeUIDError(f"UID {uid!r} is not usable as a file name")
+    return uid
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dataset_offset(data: bytes) -> int:
+    """Where the dataset starts in a DICOM file written by ``Spool.store``."""
+    header = data[PREAMBLE_AND_PREFIX : PREAMBLE_AND_PREFIX + 12]
+    if data[128:132] != b"DICM" or header[:8] != _GROUP_LENGTH_ELEMENT:
+        raise ValueError("not a DICOM file with a file meta group length")
+    return PREAMBLE_AND_PREFIX + 12 + int.from_bytes(header[8:12], "little")
+
+
+def dataset_sha256_of_file(path: Path) -> str:
+    """The SHA-256 of a spooled file's dataset bytes (file meta excluded)."""
+    data = path.read_bytes()
+    return hashlib.sha256(memoryview(data)[dataset_offset(data) :]).hexdigest()
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """Where an instance's bytes are, and whether this call wrote them."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+    written: bool  # False when identical bytes were already in the spool
+
+
+class Spool:
+    """The folder tree of received instances, safe for concurrent associations."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.incoming = self.root / INCOMING_DIR
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+
+    def clear_incoming(self) -> int:
+        """Remove temporary files a killed process left behind; they were never acknowledged."""
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / check_uid(study_uid) / check_uid(series_uid)
+
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
+
+    def _lock(self, series_uid: str) -> threading.Lock:
+        return self._locks[hash(series_uid) % _LOCK_STRIPES]
+
+    def _make_series_dir(self, folder: Path) -> None:
+        """Create the series folder and make its (possibly new) parents' entries durable."""
+        if folder.is_dir():
+            return
+        study_existed = folder.parent.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        fsync_dir(folder.parent)
+        if not study_existed:
+            fsync_dir(self.root)
+
+    def _existing_match(self, folder: Path, sop_uid: str, sha256: str) -> tuple[Path, bool]:
+        """The path these bytes belong at, and whether identical bytes are already there."""
+        primary = folder / f"{sop_uid}.dcm"
+        if not primary.exists():
+            return primary, False
+        if dataset_sha256_of_file(primary) == sha256:
+            return primary, True
+        variant = folder / f"{sop_uid}.{sha256[:16]}.dcm"
+        return variant, variant.exists()
+
+    def store(
+        self, study_uid: str, series_uid: str, sop_uid: str, file_meta: bytes, dataset: bytes
+    ) -> SpooledInstance:
+        """Write one instance durably (except the final folder fsync, see ``dirty_dirs``)."""
+        folder = self.series_dir(study_uid, series_uid)
+        check_uid(sop_uid)
+        sha256 = hashlib.sha256(dataset).hexdigest()
+        size = len(file_meta) + len(dataset)
+        target, present = self._existing_match(folder, sop_uid, sha256)
+        if present:
+            return SpooledInstance(target, size, sha256, written=False)
+
+        temporary = self.incoming / f"{uuid.uuid4().hex}.part"
+        with open(temporary, "wb", buffering=0) as handle:
+            handle.write(file_meta)
+            handle.write(dataset)
+            os.fsync(handle.fileno())
+        with self._lock(series_uid):
+            # Re-check under the lock: another association may have stored the same UID meanwhile.
+            target, present = self._existing_match(folder, sop_uid, sha256)
+            if present:
+                temporary.unlink()
+                return SpooledInstance(target, size, sha256, written=False)
+            self._make_series_dir(folder)
+            os.replace(temporary, target)
+        return SpooledInstance(target, size, sha256, written=True)
+
+    def remove_series(self, study_uid: str, series_uid: str, idle_seconds: float) -> bool:
+        """Delete a series folder untouched for ``idle_seconds``; False if it was written since.
+
+        The folder's mtime changes with every rename into it, and the check and the delete
+        happen under the lock ``store`` renames under, so an instance that has just been
+        written (and may be waiting for its SQL commit) is never deleted.
+        """
+        folder = self.series_dir(study_uid, series_uid)
+        with self._lock(series_uid):
+            if not folder.exists():
+                return True
+            if time.time() - folder.stat().st_mtime < idle_seconds:
+                return False
+            shutil.rmtree(folder)
+            fsync_dir(folder.parent)
+            try:
+                folder.parent.rmdir()  # the study folder, once its last series is gone
+                fsync_dir(self.root)
+            except OSError:
+                pass
+        return True
