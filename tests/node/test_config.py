@@ -1,0 +1,130 @@
+"""Configuration: embedded defaults, a TOML file, environment overrides, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from worker.cli import app
+
+GOOD_TOML = """
+[node]
+ae_title = "NEURO_AI"
+port = 11113
+allowed_calling_aes = ["SCANNER1", "PACS"]
+
+[database]
+url = "postgresql+psycopg://postgres@127.0.0.1:5432/brain3d"
+
+[completion]
+stable_seconds = 4.5
+
+[[destinations]]
+host = "127.0.0.1"
+port = 104
+ae_title = "PACS"
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No BRAIN3D_* variable of the developer's shell leaks into these tests."""
+    for name in list(os.environ):
+        if name.startswith("BRAIN3D_"):
+            monkeypatch.delenv(name)
+
+
+def show(*args: str) -> tuple[int, dict | None, str]:
+    result = CliRunner().invoke(app, ["config", "show", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    shown = json.loads(result.stdout) if result.exit_code == 0 else None
+    return result.exit_code, shown, result.stderr
+
+
+def test_embedded_defaults_need_no_services() -> None:
+    code, shown, _ = show()
+    assert code == 0 and shown is not None
+    assert (shown["node"]["ae_title"], shown["node"]["port"]) == ("BRAIN3D", 11112)
+    assert shown["database"]["url"].startswith("sqlite:///var/")
+    assert shown["queue"]["broker_url"].startswith("sqla+sqlite:///var/")
+    assert shown["storage"]["spool_dir"] == "var/spool"
+    assert shown["destinations"] == []
+
+
+def test_toml_file_given_by_option_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(GOOD_TOML)
+    code, shown, _ = show("--config", str(config))
+    assert code == 0 and shown is not None
+    assert shown["node"]["ae_title"] == "NEURO_AI"
+    assert shown["node"]["allowed_calling_aes"] == ["SCANNER1", "PACS"]
+    assert shown["completion"]["stable_seconds"] == 4.5
+    assert shown["destinations"] == [{"host": "127.0.0.1", "port": 104, "ae_title": "PACS", "name": ""}]
+
+    monkeypatch.setenv("BRAIN3D_CONFIG", str(config))
+    assert show()[1] == shown
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(GOOD_TOML)
+    monkeypatch.setenv("BRAIN3D_NODE__PORT", "4242")
+    monkeypatch.setenv("BRAIN3D_NODE__ALLOWED_CALLING_AES", '["ONLY_ME"]')
+    monkeypatch.setenv(
+        "BRAIN3D_DESTINATIONS",
+        '[{"host": "127.0.0.1", "port": 4242, "ae_title": "ORTHANC"},'
+        ' {"host": "127.0.0.1", "port": 4343, "ae_title": "ARCHIVE", "name": "archive"}]',
+    )
+    code, shown, _ = show("--config", str(config))
+    assert code == 0 and shown is not None
+    assert shown["node"]["port"] == 4242
+    assert shown["node"]["ae_title"] == "NEURO_AI"  # untouched keys still come from the file
+    assert shown["node"]["allowed_calling_aes"] == ["ONLY_ME"]
+    assert [d["ae_title"] for d in shown["destinations"]] == ["ORTHANC", "ARCHIVE"]
+    assert shown["destinations"][1]["name"] == "archive"
+
+
+def test_audit_key_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRAIN3D_DATABASE__AUDIT_KEY", "a secret that must never be printed")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 0
+    assert "must never be printed" not in result.output
+    assert json.loads(result.stdout)["database"]["audit_key"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("toml", "environment", "expected"),
+    [
+        ("[node]\nport = 70000\n", {}, "'node.port'"),
+        ("", {"BRAIN3D_NODE__PORT": "eleven"}, "'node.port'"),
+        ("[node]\ncolour = 'blue'\n", {}, "'node.colour'"),
+        ("[node]\nae_title = 'AN_AE_TITLE_TOO_LONG'\n", {}, "'node.ae_title'"),
+        ("[[destinations]]\nhost = '127.0.0.1'\nport = 104\n", {}, "'destinations.0.ae_title'"),
+        ("", {"BRAIN3D_DESTINATIONS": '[{"host": "127.0.0.1"'}, "destinations"),
+        ("[completion]\nstable_seconds = -1\n", {}, "'completion.stable_seconds'"),
+        ("[node\n", {}, "not valid TOML"),
+    ],
+)
+def test_bad_configuration_is_one_line_naming_the_key_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: str, environment: dict[str, str], expected: str
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(toml)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    code, shown, err = show("--config", str(config))
+    assert code == 2 and shown is None
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and expected in err
+    assert "Traceback" not in err
+
+
+def test_missing_configuration_file_is_named(tmp_path: Path) -> None:
+    code, _, err = show("--config", str(tmp_path / "absent.toml"))
+    assert code == 2
+    assert err.strip() == f"error: configuration file {tmp_path / 'absent.toml'} does not exist"
