@@ -27,7 +27,7 @@ from dicom_node.sr import (
     report_uids,
     sr_bytes,
 )
-from dicom_node.sr.validate import validate_sr
+from dicom_node.sr.validate import validate_sr, warnings_of
 from inference.report_schema import NORMAL, Findings, Lobe, Side, parse, render
 
 pytestmark = pytest.mark.dcmtk
@@ -411,3 +411,21 @@ def test_validators_report_errors_of_a_broken_sr(tmp_path: Path) -> None:
     bad_relationship.save_as(tmp_path / "tree.dcm")
     errors = validate_sr(tmp_path / "tree.dcm")
     assert any(e.startswith("dsrdump:") and "Relationship" in e for e in errors)
+
+
+def test_the_only_warnings_are_the_declared_local_codes(tmp_path: Path) -> None:
+    """dciodvfy does not know the private scheme; nothing else may draw a warning."""
+    pair = build_reports(
+        mr_series(2, with_pixels=False),
+        render(LEFT_FRONTAL),
+        LEFT_FRONTAL,
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+    )
+    assert warnings_of(_written(pair.narrative, tmp_path, "n")) == []
+    measurement_warnings = warnings_of(_written(pair.measurement, tmp_path, "m"))
+    assert measurement_warnings and all("<99BRAIN3D>" in warning for warning in measurement_warnings)
+    scheme = pair.measurement.CodingSchemeIdentificationSequence[0]
+    assert scheme.CodingSchemeDesignator == "99BRAIN3D"
