@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydicom.uid import generate_uid
+import uuid
 
 from dicom_node import __version__
 
@@ -10,15 +10,20 @@ MANUFACTURER = "Brain3D Node"
 SOFTWARE_VERSION = __version__
 
 
-def derived_uid(*parts: str) -> str:
-    """A UID derived deterministically from ``parts`` (a 2.25 UUID-style UID).
+#: Namespace of the name-based (version 5) UUIDs behind the node's derived UIDs.
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:brain3d-node:structured-reports")
 
-    The same source series, model version and input content always give the same
-    SR UIDs, which is what makes re-delivery exactly-once at the PACS.
+
+def derived_uid(*parts: str) -> str:
+    """A UID derived deterministically from ``parts``: ``2.25.<UUIDv5 as an integer>`` (PS3.5 B.2).
+
+    The same source series, model version and input content always give the same SR
+    UIDs, which is what makes re-delivery exactly-once at the PACS. (pydicom's
+    ``generate_uid(prefix=None, entropy_srcs=...)`` ignores its entropy and is random.)
     """
     if not parts:
         raise ValueError("derived_uid needs at least one part")
-    return generate_uid(prefix=None, entropy_srcs=list(parts))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
 
 
 def is_produced_by_node(manufacturer: str | None, modality: str | None) -> bool:

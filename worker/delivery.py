@@ -87,7 +87,7 @@ def deliver(runtime: Runtime, job: Job) -> DeliveryResult:
         with runtime.database.session() as session:
             for report in pending:
                 status = outcome.statuses.get(report.sop_instance_uid)
-                ok = status == 0
+                ok = outcome.stored(report.sop_instance_uid)  # success or a warning: the PACS kept it
                 key = (label, report.sop_instance_uid)
                 attempt = attempts.get(key, 0) + 1
                 attempts[key] = attempt

@@ -19,7 +19,6 @@ the same objects, so a PACS stores each SR once however often it is delivered.
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,7 +28,7 @@ from pydicom import Dataset, dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DT, TM
 
-from dicom_node.identity import MANUFACTURER, SOFTWARE_VERSION
+from dicom_node.identity import MANUFACTURER, SOFTWARE_VERSION, derived_uid
 from dicom_node.sr import codes as sr_codes
 from dicom_node.sr.measurement import measurement_report
 from dicom_node.sr.narrative import impression_for, narrative_content
@@ -54,20 +53,6 @@ _PATIENT_STUDY_TYPE2 = (
     "ReferringPhysicianName",
 )
 
-
-#: Namespace of the node's name-based UUIDs (RFC 4122 version 5).
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:brain3d-node:structured-reports")
-
-
-def derived_uid(*parts: str) -> str:
-    """A 2.25 UID from a name-based UUID of ``parts``: the same parts, the same UID.
-
-    Not ``dicom_node.identity.derived_uid``: pydicom's ``generate_uid(prefix=None, ...)``
-    ignores ``entropy_srcs`` and returns a random UUID, which would break exactly-once delivery.
-    """
-    if not parts:
-        raise ValueError("derived_uid needs at least one part")
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
 
 
 @dataclass(frozen=True)
