@@ -268,8 +268,16 @@ def audit_verify(config: ConfigOption = None, as_json: JsonOption = False) -> No
         raise typer.Exit(1)
 
 
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: Storage SCP, completeness, routing, hand-off (until SIGTERM/SIGINT)."""
+    from dicom_node.server import serve as run_node  # heavy imports only for this command
+
+    run_node(settings_or_exit(config))
+
+
 def register(app: typer.Typer) -> None:
     """Add the node's commands to the ``brain3d`` application."""
+    app.command("serve")(serve)
     app.add_typer(config_app, name="config")
     app.add_typer(db_app, name="db")
     app.add_typer(audit_app, name="audit")

@@ -1,0 +1,111 @@
+"""Removing spooled series the node no longer needs, after ``storage.retention_hours``.
+
+A series is removable once it is complete and either ineligible or every one of its
+jobs has ended (succeeded, failed, not analysed), and the last of those events is older
+than the retention time. Its SQL rows stay (they are the record); ``spool_removed_at``
+says the bytes are gone, and each removal is audited.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select, update
+
+from dicom_node.audit import AuditTrail, EventID, Outcome
+from dicom_node.db.models import Job, JobState, Series, SeriesState, Study
+from dicom_node.db.session import Database
+from dicom_node.ingest import as_utc
+from dicom_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = [JobState.SUCCEEDED, JobState.FAILED, JobState.NOT_ANALYSED]
+
+
+@dataclass(frozen=True)
+class RemovedSeries:
+    study_uid: str
+    series_uid: str
+
+
+class Retention:
+    """One pass (``run_once``) removes every series past its retention time."""
+
+    def __init__(
+        self,
+        database: Database,
+        spool: Spool,
+        audit: AuditTrail,
+        retention_hours: float,
+        guard_seconds: float,
+    ) -> None:
+        self.database = database
+        self.spool = spool
+        self.audit = audit
+        self.retention = timedelta(hours=retention_hours)
+        # A folder written to this recently is never removed (an instance may await its commit).
+        self.guard_seconds = guard_seconds
+
+    def candidates(self, now: datetime) -> list[tuple[int, str, str]]:
+        """(series id, study UID, series UID) of complete series whose retention has run out."""
+        cutoff = now - self.retention
+        open_jobs = (
+            select(Job.id)
+            .where(Job.series_id == Series.id, Job.series_generation == Series.generation)
+            .where(Job.state.not_in(FINAL_STATES))
+            .exists()
+        )
+        last_job_end = (
+            select(func.max(Job.finished_at))
+            .where(Job.series_id == Series.id, Job.series_generation == Series.generation)
+            .scalar_subquery()
+        )
+        with self.database.session() as session:
+            rows = session.execute(
+                select(
+                    Series.id,
+                    Study.study_instance_uid,
+                    Series.series_instance_uid,
+                    Series.completed_at,
+                    last_job_end,
+                )
+                .join(Study, Study.id == Series.study_id)
+                .where(Series.state == SeriesState.COMPLETE, Series.spool_removed_at.is_(None))
+                .where(~open_jobs)
+            ).all()
+        due = []
+        for series_id, study_uid, series_uid, completed_at, job_end in rows:
+            ended = max(as_utc(moment) for moment in (completed_at, job_end) if moment is not None)
+            if ended <= cutoff:
+                due.append((series_id, study_uid, series_uid))
+        return due
+
+    def run_once(self) -> list[RemovedSeries]:
+        now = datetime.now(UTC)
+        removed: list[RemovedSeries] = []
+        for series_id, study_uid, series_uid in self.candidates(now):
+            if not self.spool.remove_series(study_uid, series_uid, self.guard_seconds):
+                continue  # written to just now: a late instance re-opens it instead
+            with self.database.session() as session:
+                session.execute(
+                    update(Series)
+                    .where(Series.id == series_id, Series.state == SeriesState.COMPLETE)
+                    .values(spool_removed_at=now)
+                )
+            removed.append(RemovedSeries(study_uid, series_uid))
+            log.info("retention removed the spool of series %s", series_uid)
+            try:
+                self.audit.record(
+                    EventID.DICOM_STUDY_DELETED,
+                    Outcome.SUCCESS,
+                    action="D",
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    detail={"reason": "retention", "retention_hours": self.retention.total_seconds() / 3600},
+                )
+            except Exception:
+                log.exception("retention of series %s could not be audited", series_uid)
+        return removed
