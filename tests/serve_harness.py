@@ -185,7 +185,11 @@ def head_volume(size: int = 32, slices: int = 12) -> tuple[np.ndarray, np.ndarra
 def write_study(
     folder: Path,
     *,
-    presets: Iterable[tuple[str, AcquisitionPreset]] = (("flair", FLAIR_2D), ("t1", T1), ("localizer", LOCALIZER)),
+    presets: Iterable[tuple[str, AcquisitionPreset]] = (
+        ("flair", FLAIR_2D),
+        ("t1", T1),
+        ("localizer", LOCALIZER),
+    ),
     slices: int = 12,
     size: int = 32,
     seed: int = 1,
