@@ -1,0 +1,149 @@
+"""The Storage SCP under ``brain3d serve``: allowlist, refusals, conflicts and concurrency."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import require_tool
+from pacs import mr_series
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE
+from serve_harness import NodeProcess, dataset_bytes, storescu, wait_for
+from sqlalchemy import func, select
+
+from dicom_node.db.models import Association, AuditEvent, Instance
+
+pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
+
+
+def _send(port: int, datasets: list[Dataset], calling_ae: str = "SCU") -> list[int]:
+    """C-STORE each dataset over one association; the statuses answered."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    association = ae.associate("127.0.0.1", port, ae_title="BRAIN3D")
+    assert association.is_established
+    try:
+        return [int(association.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        association.release()
+
+
+def _audit_documents(node: NodeProcess, event_id: str) -> list[dict]:
+    database = node.database()
+    try:
+        with database.session() as session:
+            rows = session.execute(
+                select(AuditEvent.document).where(AuditEvent.event_id == event_id)
+            ).scalars()
+            return [json.loads(row) for row in rows]
+    finally:
+        database.dispose()
+
+
+def test_unknown_calling_ae_is_rejected_and_audited(tmp_path: Path) -> None:
+    require_tool("storescu")
+    series = mr_series(2)
+    paths = []
+    for index, dataset in enumerate(series):
+        paths.append(tmp_path / f"{index}.dcm")
+        dataset.save_as(paths[-1], enforce_file_format=True)
+    with NodeProcess(tmp_path / "node", allowed_calling_aes=["MODALITY"]) as node:
+        refused = storescu(node.port, paths, calling_ae="INTRUDER", check=False)
+        assert refused.returncode != 0
+        storescu(node.port, paths, calling_ae="MODALITY")
+
+        alerts = wait_for(lambda: _audit_documents(node, "110113"))
+        assert len(alerts) == 1
+        source = next(p for p in alerts[0]["participants"] if p["requestor"])
+        assert (source["ae_title"], source["network_address"]) == ("INTRUDER", "127.0.0.1")
+        database = node.database()
+        with database.session() as session:
+            outcomes = dict(session.execute(select(Association.calling_ae, Association.outcome)).all())
+            stored = session.execute(select(func.count(Instance.id))).scalar_one()
+        database.dispose()
+    assert outcomes == {"INTRUDER": "rejected", "MODALITY": "released"}
+    assert stored == 2
+
+
+def test_malformed_dataset_is_refused_and_audited_while_others_carry_on(tmp_path: Path) -> None:
+    good = mr_series(3)
+    malformed = mr_series(1)
+    del malformed[0].StudyInstanceUID
+    with NodeProcess(tmp_path / "node") as node:
+        statuses = _send(node.port, [good[0], malformed[0], good[1]])
+        assert statuses[0] == 0x0000 and statuses[2] == 0x0000
+        assert 0xC000 <= statuses[1] <= 0xCFFF
+        assert _send(node.port, [good[2]]) == [0x0000]
+        failures = [
+            doc for doc in wait_for(lambda: _audit_documents(node, "110104")) if doc["detail"].get("reason")
+        ]
+        assert len(failures) == 1 and failures[0]["outcome"] == 8
+        assert "UID" in failures[0]["detail"]["reason"]
+
+
+def test_same_uid_with_different_content_is_kept_and_flagged(tmp_path: Path) -> None:
+    original = mr_series(1)[0]
+    changed = copy.deepcopy(original)
+    changed.ImageComments = "corrected by the technologist"
+    with NodeProcess(tmp_path / "node") as node:
+        assert _send(node.port, [original, original, changed]) == [0, 0, 0]
+        database = node.database()
+        with database.session() as session:
+            rows = session.execute(select(Instance).order_by(Instance.id)).scalars().all()
+            association = session.execute(select(Association)).scalar_one()
+        database.dispose()
+    assert len(rows) == 2, "the identical re-send is not stored twice"
+    assert all(row.conflicting for row in rows)
+    assert Path(rows[0].path).name == f"{original.SOPInstanceUID}.dcm"
+    assert Path(rows[1].path).name == f"{original.SOPInstanceUID}.{rows[1].sha256[:16]}.dcm"
+    assert dataset_bytes(Path(rows[0].path)) != dataset_bytes(Path(rows[1].path))
+    assert (association.instances_stored, association.instances_duplicate) == (2, 1)
+
+
+def test_low_disk_answers_out_of_resources_and_audits(tmp_path: Path) -> None:
+    with NodeProcess(tmp_path / "node", min_free_bytes=2**62) as node:
+        assert _send(node.port, mr_series(2)) == [0xA700, 0xA700]
+        documents = wait_for(lambda: _audit_documents(node, "110104"))
+        assert any(doc["detail"].get("status") == "0xA700" for doc in documents)
+        assert not any((node.spool_dir).glob("*/*/*.dcm"))
+
+
+def test_ten_concurrent_associations_of_200_instances_lose_nothing(tmp_path: Path) -> None:
+    require_tool("storescu")
+    folders = []
+    expected = set()
+    for sender in range(10):
+        folder = tmp_path / f"sender{sender}"
+        folder.mkdir()
+        for index, dataset in enumerate(mr_series(200, with_pixels=True)):
+            dataset.save_as(folder / f"{index:03d}.dcm", enforce_file_format=True)
+            expected.add(str(dataset.SOPInstanceUID))
+        folders.append(folder)
+    with NodeProcess(tmp_path / "node", stable_seconds=30) as node:
+        senders = [
+            subprocess.Popen(
+                ["storescu", "-aet", f"SENDER{n}", "+sd", "127.0.0.1", str(node.port), str(folder)],
+                env={**os.environ, "TCP_NODELAY": "1"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for n, folder in enumerate(folders)
+        ]
+        for sender in senders:
+            _out, errors = sender.communicate(timeout=240)
+            assert sender.returncode == 0, errors
+        database = node.database()
+        with database.session() as session:
+            stored = set(session.execute(select(Instance.sop_instance_uid)).scalars())
+            counts = session.execute(select(Association.instances_stored)).scalars().all()
+        database.dispose()
+    assert stored == expected
+    assert sorted(counts) == [200] * 10
+    spooled = {path.stem for path in node.spool_dir.glob("*/*/*.dcm")}
+    assert spooled == expected
