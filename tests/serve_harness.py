@@ -91,10 +91,12 @@ class NodeProcess:
             },
         )
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     def start(self, timeout_s: float = 60.0) -> NodeProcess:
         env = {**os.environ, "BRAIN3D_DATABASE__AUDIT_KEY": AUDIT_KEY}
         env.pop("BRAIN3D_CONFIG", None)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [BRAIN3D, "serve", "--config", str(self.config)],
@@ -104,7 +106,7 @@ class NodeProcess:
                 env=env,
             )
         deadline = time.monotonic() + timeout_s
-        while "node ready" not in self.log():
+        while "node ready" not in self.log(since=self._log_start):
             if self.process.poll() is not None:
                 raise RuntimeError(f"brain3d serve exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
@@ -113,8 +115,17 @@ class NodeProcess:
             time.sleep(0.1)
         return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def log(self, since: int = 0) -> str:
+        """The node's log; ``since`` a byte offset (a restarted node appends to the same file)."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log:
+            log.seek(since)
+            return log.read().decode(errors="replace")
+
+    def current_log(self) -> str:
+        """The log of the current (latest) run only."""
+        return self.log(since=self._log_start)
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait: the graceful path."""
