@@ -1,0 +1,110 @@
+"""Counts from headers, and retention of spooled series, in-process on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pacs import enhanced_mr, mr_series
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dsutils import encode
+from sqlalchemy import insert, select
+
+from dicom_node.audit import AuditTrail
+from dicom_node.db.migrate import upgrade
+from dicom_node.db.models import Job, JobState, Series, SeriesState, Study
+from dicom_node.db.session import Database
+from dicom_node.ingest import InstanceHeaders, MalformedDatasetError, read_headers
+from dicom_node.retention import Retention
+from dicom_node.spool import Spool
+
+
+def _headers(dataset) -> InstanceHeaders:  # type: ignore[no-untyped-def]
+    return read_headers(encode(dataset, False, True), ExplicitVRLittleEndian)
+
+
+def test_counts_come_from_the_headers() -> None:
+    classic = mr_series(1)[0]
+    assert _headers(classic).expected_instances is None, "no count: the stable timer decides"
+    classic.ImagesInAcquisition = 24
+    assert _headers(classic).expected_instances == 24
+    classic.InConcatenationTotalNumber = 3
+    assert _headers(classic).expected_instances == 3, "a concatenation states its own total"
+    enhanced = enhanced_mr(frames=10)
+    assert _headers(enhanced).expected_instances == 1, "an Enhanced MR holds the whole series"
+
+
+def test_header_reading_refuses_datasets_without_uids() -> None:
+    dataset = mr_series(1)[0]
+    del dataset.SeriesInstanceUID
+    with pytest.raises(MalformedDatasetError):
+        _headers(dataset)
+    with pytest.raises(MalformedDatasetError):
+        read_headers(b"\x08\x00\x18\x00UI\xff\xff garbage", ExplicitVRLittleEndian)
+
+
+def _series(database: Database, spool: Spool, study_uid: str, series_uid: str, *, eligible: bool) -> int:
+    folder = spool.series_dir(study_uid, series_uid)
+    folder.mkdir(parents=True)
+    (folder / "1.dcm").write_bytes(b"instance")
+    long_ago = datetime.now(UTC) - timedelta(hours=5)
+    with database.session() as session:
+        study_id = session.execute(
+            insert(Study).values(study_instance_uid=study_uid).returning(Study.id)
+        ).scalar_one()
+        return session.execute(
+            insert(Series)
+            .values(
+                series_instance_uid=series_uid,
+                study_id=study_id,
+                state=SeriesState.COMPLETE,
+                completed_at=long_ago,
+                eligible=eligible,
+            )
+            .returning(Series.id)
+        ).scalar_one()
+
+
+def test_retention_removes_only_series_whose_jobs_ended(database_url: str, tmp_path: Path) -> None:
+    upgrade(database_url)
+    database = Database(database_url)
+    spool = Spool(tmp_path / "spool")
+    audit = AuditTrail(database, b"k" * 32)
+    ineligible = _series(database, spool, "1.1", "1.1.1", eligible=False)
+    finished = _series(database, spool, "1.2", "1.2.1", eligible=True)
+    running = _series(database, spool, "1.3", "1.3.1", eligible=True)
+    recent = _series(database, spool, "1.4", "1.4.1", eligible=True)
+    now = datetime.now(UTC)
+    with database.session() as session:
+        for series_id, state, finished_at in (
+            (finished, JobState.SUCCEEDED, now - timedelta(hours=3)),
+            (running, JobState.RUNNING, None),
+            (recent, JobState.FAILED, now - timedelta(minutes=30)),
+        ):
+            session.execute(insert(Job).values(series_id=series_id, state=state, finished_at=finished_at))
+
+    removed = Retention(database, spool, audit, retention_hours=2, guard_seconds=0).run_once()
+
+    assert sorted(r.series_uid for r in removed) == ["1.1.1", "1.2.1"]
+    assert not spool.series_dir("1.1", "1.1.1").exists() and not spool.series_dir("1.2", "1.2.1").exists()
+    assert spool.series_dir("1.3", "1.3.1").exists() and spool.series_dir("1.4", "1.4.1").exists()
+    with database.session() as session:
+        removed_at = dict(session.execute(select(Series.id, Series.spool_removed_at)).all())
+    assert removed_at[ineligible] and removed_at[finished]
+    assert removed_at[running] is None and removed_at[recent] is None
+    assert audit.verify().ok
+    database.dispose()
+
+
+def test_retention_never_removes_a_folder_written_just_now(sqlite_url: str, tmp_path: Path) -> None:
+    upgrade(sqlite_url)
+    database = Database(sqlite_url)
+    spool = Spool(tmp_path / "spool")
+    _series(database, spool, "1.1", "1.1.1", eligible=False)
+    retention = Retention(
+        database, spool, AuditTrail(database, b"k" * 32), retention_hours=0, guard_seconds=60
+    )
+    assert retention.run_once() == []
+    assert spool.series_dir("1.1", "1.1.1").exists()
+    database.dispose()
