@@ -46,6 +46,10 @@ class Brain3DConfig(PretrainedConfig):
     tubelet_depth: int = 4
     #: True when the encoder blocks carry pretrained 2D weights (then they stay frozen).
     pretrained_vision: bool = False
+    #: True when the decoder carries pretrained weights (then only its LoRA adapter trains). The small
+    #: presets' decoders start random: a frozen random decoder cannot learn to write, so their stage
+    #: ``lora`` trains the whole decoder as well.
+    pretrained_language_model: bool = False
     #: Token grid after compression, (D, H, W); its product is the number of visual tokens.
     compressor_grid: list[int] | None = None
     #: Hidden width of the projector MLP; ``None`` means the language model's width.
@@ -249,6 +253,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "input_grid": [64, 224, 224],
         "tubelet_depth": 4,
         "pretrained_vision": True,
+        "pretrained_language_model": True,
         "compressor_grid": [4, 4, 4],
         "num_soft_prompts": 16,
         "lora_rank": 16,

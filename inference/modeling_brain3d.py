@@ -500,7 +500,8 @@ class Brain3D(nn.Module):
     def trainable_groups(self, stage: str) -> set[str]:
         """Stage 1 ``contrastive``: tubelet embedding, depth positions, compressor, projector (and the
         whole encoder when it has no pretrained 2D weights); stage 2a ``projector``: projector and
-        soft prompts; stage 2b ``lora``: those and the LoRA adapter."""
+        soft prompts; stage 2b ``lora``: those and the LoRA adapter (and the whole decoder when it has
+        no pretrained weights, as in ``tiny`` and ``demo``)."""
         if stage == "contrastive":
             groups = {"tubelet_embedding", "depth_position", "compressor", "projector"}
             if not self.config.pretrained_vision:
@@ -511,7 +512,10 @@ class Brain3D(nn.Module):
         if stage == "lora":
             if self.config.lora_merged:
                 raise ValueError("a merged export has no adapter to train; load the unmerged checkpoint")
-            return {"projector", "soft_prompts", "lora"}
+            groups = {"projector", "soft_prompts", "lora"}
+            if not self.config.pretrained_language_model:
+                groups.add("language_model")
+            return groups
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
     def set_trainable(self, stage: str) -> dict[str, int]:
@@ -843,6 +847,7 @@ class Brain3D(nn.Module):
             vision_config=vision_config,
             text_config=text_config,
             pretrained_vision=True,
+            pretrained_language_model=True,
             lora_merged=False,
             base_weights={
                 "vision": {"path": str(vision.resolve()), "sha256": hashes["vision"]},
