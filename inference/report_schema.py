@@ -260,3 +260,34 @@ def parse(text: str) -> Findings:
         midline_shift="midline_shift" in terms,
         size=sizes[0] if sizes else None,
     )
+
+
+def findings_to_dict(findings: Findings) -> dict[str, object]:
+    """JSON-ready form (manifests, job rows): enums as their values, lobes sorted."""
+    return {
+        "abnormal": findings.abnormal,
+        "side": findings.side.value if findings.side else None,
+        "lobes": sorted(lobe.value for lobe in findings.lobes),
+        "edema": findings.edema,
+        "necrosis": findings.necrosis,
+        "enhancement": findings.enhancement,
+        "ventricular_compression": findings.ventricular_compression,
+        "midline_shift": findings.midline_shift,
+        "size": findings.size.value if findings.size else None,
+    }
+
+
+def findings_from_dict(data: dict[str, object]) -> Findings:
+    """Inverse of :func:`findings_to_dict`."""
+    side, size = data.get("side"), data.get("size")
+    return Findings(
+        abnormal=bool(data["abnormal"]),
+        side=Side(side) if side else None,
+        lobes=frozenset(Lobe(value) for value in data.get("lobes", ()) or ()),  # type: ignore[union-attr]
+        edema=bool(data.get("edema", False)),
+        necrosis=bool(data.get("necrosis", False)),
+        enhancement=bool(data.get("enhancement", False)),
+        ventricular_compression=bool(data.get("ventricular_compression", False)),
+        midline_shift=bool(data.get("midline_shift", False)),
+        size=Size(size) if size else None,
+    )

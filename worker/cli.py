@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dicom_node import cli as node_cli
+from inference import cli as inference_cli
 from worker import commands as worker_commands
 
 app = typer.Typer(
@@ -14,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 node_cli.register(app)
+inference_cli.register(app)
 worker_commands.register(app)
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Manifests (one JSON object per case) and the one loader every case goes through.
+
+A manifest line: ``id``, ``path`` (a NIfTI file or a DICOM series folder, relative to the
+manifest's folder), ``format`` (``nifti`` or ``dicom``), ``report``, ``findings``
+(:func:`inference.report_schema.findings_to_dict`), ``split`` (train / val / test),
+``subject``, ``source`` and optionally ``seg``. Patients and controls, synthetic and real,
+are loaded by :func:`load_volume` alone: there is no second path a model could learn from.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from inference.preprocessing import HasInputGrid, prepare
+from inference.report_schema import Findings, findings_from_dict
+
+SPLITS = ("train", "val", "test")
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    path = Path(path)
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for entry in entries:
+        entry["_base"] = str(path.parent.resolve())
+    return entries
+
+
+def write_manifest(path: str | Path, entries: Iterable[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({k: v for k, v in entry.items() if not k.startswith("_")}) for entry in entries]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def entry_findings(entry: dict) -> Findings:
+    return findings_from_dict(entry["findings"])
+
+
+def _resolve(entry: dict, key: str = "path") -> Path:
+    path = Path(entry[key])
+    return path if path.is_absolute() else Path(entry.get("_base", ".")) / path
+
+
+def load_image(entry: dict) -> nib.spatialimages.SpatialImage:
+    """The entry's volume as a nibabel image (DICOM series converted with dicom2nifti)."""
+    path = _resolve(entry)
+    if entry.get("format", "nifti") == "dicom":
+        import dicom2nifti
+
+        with tempfile.TemporaryDirectory() as scratch:
+            result = dicom2nifti.dicom_series_to_nifti(str(path), str(Path(scratch) / "flair.nii.gz"))
+            image = result["NII"]
+            return nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+    return nib.load(path)
+
+
+def load_volume(entry: dict, grid: Sequence[int] | HasInputGrid) -> torch.Tensor:
+    """The model input ``(1, D, H, W)`` of a manifest entry, whatever its source."""
+    return prepare(load_image(entry), grid)
+
+
+def assign_splits(
+    subjects: Sequence[str],
+    strata: Sequence[str],
+    seed: int,
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+) -> dict[str, str]:
+    """Subject -> split, seeded, stratified (each stratum is split in the given fractions).
+
+    Every case of one subject lands in one split, so no subject is in two."""
+    stratum_of: dict[str, str] = {}
+    for subject, stratum in zip(subjects, strata, strict=True):
+        stratum_of.setdefault(subject, stratum)
+    by_stratum: dict[str, list[str]] = defaultdict(list)
+    for subject, stratum in sorted(stratum_of.items()):
+        by_stratum[stratum].append(subject)
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    for stratum in sorted(by_stratum):
+        members = list(rng.permutation(by_stratum[stratum]))
+        cut_train = round(len(members) * fractions[0])
+        cut_val = cut_train + round(len(members) * fractions[1])
+        for index, subject in enumerate(members):
+            assignment[str(subject)] = "train" if index < cut_train else "val" if index < cut_val else "test"
+    return assignment
+
+
+def stratum(findings: Findings) -> str:
+    """Split stratum: the side for lesional cases, ``normal`` for controls."""
+    if not findings.abnormal:
+        return "normal"
+    return findings.side.value if findings.side else "unknown-side"
