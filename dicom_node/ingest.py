@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.db.models import Association, Instance, Series, SeriesState, Study
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 # Core tables, not ORM entities: the hot path skips the ORM's per-statement overhead.
 INSTANCES = Instance.__table__
 SERIES = Series.__table__
+# Built once, so that each instance only binds parameters to an already compiled statement.
+_HASHES_OF_UID = select(INSTANCES.c.sha256).where(INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = insert(INSTANCES)
 
 T = TypeVar("T")
 
@@ -503,29 +506,26 @@ class Ingest:
     ) -> InstanceOutcome:
         connection = batch.connection
         series = self._series_for_instance(batch, headers, received_at)
-        known_hashes = set(
-            connection.execute(
-                select(INSTANCES.c.sha256).where(INSTANCES.c.sop_instance_uid == headers.sop_instance_uid)
-            ).scalars()
-        )
+        known_hashes = set(connection.execute(_HASHES_OF_UID, {"uid": headers.sop_instance_uid}).scalars())
         if spooled.sha256 in known_hashes:
             return InstanceOutcome.DUPLICATE
 
         conflicting = bool(known_hashes)
         connection.execute(
-            insert(INSTANCES).values(
-                sop_instance_uid=headers.sop_instance_uid,
-                sop_class_uid=headers.sop_class_uid or "",
-                transfer_syntax_uid=transfer_syntax_uid,
-                series_id=series.id,
-                association_id=association_id,
-                instance_number=headers.instance_number,
-                path=str(spooled.path),
-                size_bytes=spooled.size_bytes,
-                sha256=spooled.sha256,
-                conflicting=conflicting,
-                received_at=received_at,
-            )
+            _INSERT_INSTANCE,
+            {
+                "sop_instance_uid": headers.sop_instance_uid,
+                "sop_class_uid": headers.sop_class_uid or "",
+                "transfer_syntax_uid": transfer_syntax_uid,
+                "series_id": series.id,
+                "association_id": association_id,
+                "instance_number": headers.instance_number,
+                "path": str(spooled.path),
+                "size_bytes": spooled.size_bytes,
+                "sha256": spooled.sha256,
+                "conflicting": conflicting,
+                "received_at": received_at,
+            },
         )
         if conflicting:
             connection.execute(

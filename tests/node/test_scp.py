@@ -62,11 +62,12 @@ def test_unknown_calling_ae_is_rejected_and_audited(tmp_path: Path) -> None:
         assert len(alerts) == 1
         source = next(p for p in alerts[0]["participants"] if p["requestor"])
         assert (source["ae_title"], source["network_address"]) == ("INTRUDER", "127.0.0.1")
-        database = node.database()
-        with database.session() as session:
-            outcomes = dict(session.execute(select(Association.calling_ae, Association.outcome)).all())
-            stored = session.execute(select(func.count(Instance.id))).scalar_one()
-        database.dispose()
+    # Read after the graceful stop: an association's row is closed when its connection closes.
+    database = node.database()
+    with database.session() as session:
+        outcomes = dict(session.execute(select(Association.calling_ae, Association.outcome)).all())
+        stored = session.execute(select(func.count(Instance.id))).scalar_one()
+    database.dispose()
     assert outcomes == {"INTRUDER": "rejected", "MODALITY": "released"}
     assert stored == 2
 
@@ -93,11 +94,11 @@ def test_same_uid_with_different_content_is_kept_and_flagged(tmp_path: Path) -> 
     changed.ImageComments = "corrected by the technologist"
     with NodeProcess(tmp_path / "node") as node:
         assert _send(node.port, [original, original, changed]) == [0, 0, 0]
-        database = node.database()
-        with database.session() as session:
-            rows = session.execute(select(Instance).order_by(Instance.id)).scalars().all()
-            association = session.execute(select(Association)).scalar_one()
-        database.dispose()
+    database = node.database()
+    with database.session() as session:
+        rows = session.execute(select(Instance).order_by(Instance.id)).scalars().all()
+        association = session.execute(select(Association)).scalar_one()
+    database.dispose()
     assert len(rows) == 2, "the identical re-send is not stored twice"
     assert all(row.conflicting for row in rows)
     assert Path(rows[0].path).name == f"{original.SOPInstanceUID}.dcm"
@@ -138,11 +139,11 @@ def test_ten_concurrent_associations_of_200_instances_lose_nothing(tmp_path: Pat
         for sender in senders:
             _out, errors = sender.communicate(timeout=240)
             assert sender.returncode == 0, errors
-        database = node.database()
-        with database.session() as session:
-            stored = set(session.execute(select(Instance.sop_instance_uid)).scalars())
-            counts = session.execute(select(Association.instances_stored)).scalars().all()
-        database.dispose()
+    database = node.database()
+    with database.session() as session:
+        stored = set(session.execute(select(Instance.sop_instance_uid)).scalars())
+        counts = session.execute(select(Association.instances_stored)).scalars().all()
+    database.dispose()
     assert stored == expected
     assert sorted(counts) == [200] * 10
     spooled = {path.stem for path in node.spool_dir.glob("*/*/*.dcm")}

@@ -1,0 +1,267 @@
+"""Ingest throughput: ``brain3d serve`` (SQL on) against a bare pynetdicom handler and ``storescp --fork``.
+
+Each run sends the same generated 256x256 MR series (its own copy, with its own UIDs,
+per sender) with 1 and then N concurrent dcmtk ``storescu`` senders, and reports
+instances per second received and the ratios to both peers. Every peer and sender
+gets ``TCP_NODELAY=1``: Debian's dcmtk stalls about 40 ms per instance without it.
+
+    python benchmarks/ingest.py --instances 300 --senders 1 4
+    python benchmarks/ingest.py --profile      # where brain3d serve's time goes (yappi)
+
+The bare handler is the reference the issue sets: it writes file meta plus the raw
+received bytes and fsyncs, nothing else (no rename, no SQL, no duplicate checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+NODELAY = {**os.environ, "TCP_NODELAY": "1"}
+BRAIN3D = str(Path(sys.executable).parent / "brain3d")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def write_series(folder: Path, instances: int, size: int, seed: int) -> None:
+    """One axial FLAIR-like MR series of ``instances`` slices of ``size`` x ``size``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for index in range(instances):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.PatientID, ds.PatientName = "BENCH", "Bench^Mark"
+        ds.Modality, ds.Manufacturer, ds.SeriesNumber = "MR", "Bench", 1
+        ds.SeriesDescription = "AX FLAIR"
+        ds.InstanceNumber, ds.ImagesInAcquisition = index + 1, instances
+        ds.ScanningSequence, ds.InversionTime, ds.EchoTime, ds.RepetitionTime = (
+            "SE\\IR",
+            2500.0,
+            100.0,
+            9000.0,
+        )
+        ds.ImagePositionPatient = [-128.0, -128.0, float(index)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 1.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
+        ds.save_as(folder / f"{index:04d}.dcm", enforce_file_format=True)
+
+
+def bare_scp(port: int, out: Path) -> None:
+    """The reference receiver: raw bytes + fsync per instance, nothing else."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def on_store(event: evt.Event) -> int:
+        with open(out / f"{event.request.AffectedSOPInstanceUID}.dcm", "wb") as handle:
+            handle.write(event.encoded_dataset())
+            handle.flush()
+            os.fsync(handle.fileno())
+        return 0x0000
+
+    ae = AE()
+    ae.maximum_pdu_size = 0
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    stop.wait()
+    server.shutdown()
+
+
+def write_node_config(root: Path, port: int) -> Path:
+    config = root / "brain3d.toml"
+    config.write_text(
+        f"""[node]
+host = "127.0.0.1"
+port = {port}
+[storage]
+spool_dir = "{root / "spool"}"
+min_free_bytes = 0
+[database]
+url = "sqlite:///{root / "brain3d.db"}"
+audit_key_file = "{root / "audit.key"}"
+[queue]
+broker_url = "sqla+sqlite:///{root / "broker.db"}"
+result_backend = "db+sqlite:///{root / "results.db"}"
+[completion]
+stable_seconds = 30
+"""
+    )
+    return config
+
+
+@contextmanager
+def peer(kind: str, root: Path) -> Iterator[int]:
+    """Start one receiver in a fresh folder; yield its port; stop it by its process id."""
+    root.mkdir(parents=True)
+    port = free_port()
+    if kind == "brain3d serve":
+        command = [BRAIN3D, "serve", "--config", str(write_node_config(root, port))]
+    elif kind == "bare pynetdicom":
+        command = [sys.executable, __file__, "--bare-scp", str(port), str(root / "out")]
+    else:
+        (root / "out").mkdir()
+        command = ["storescp", "--fork", "-od", str(root / "out"), str(port)]
+    with open(root / "peer.log", "wb") as log:
+        process = subprocess.Popen(command, cwd=root, env=NODELAY, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        if kind == "brain3d serve":
+            while b"node ready" not in (root / "peer.log").read_bytes():
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if kind == "storescp --fork":
+            time.sleep(0.5)  # forked children end with their associations
+
+
+def send(port: int, folders: list[Path]) -> float:
+    """Seconds for every folder to be sent by its own concurrent storescu."""
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            ["storescu", "+sd", "127.0.0.1", str(port), str(folder)],
+            env=NODELAY,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for folder in folders
+    ]
+    for sender in senders:
+        _out, errors = sender.communicate()
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {errors.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+def benchmark(work: Path, instances: int, size: int, sender_counts: list[int], repeats: int) -> None:
+    kinds = ["brain3d serve", "bare pynetdicom", "storescp --fork"]
+    most = max(sender_counts)
+    folders = [work / "input" / f"sender{n}" for n in range(most)]
+    for n, folder in enumerate(folders):
+        write_series(folder, instances, size, seed=n)
+    print(f"{instances} instances of {size}x{size} per sender; best of {repeats}; TCP_NODELAY=1")
+    print(
+        f"{'senders':>7} | " + " | ".join(f"{kind:>16}" for kind in kinds) + " | serve/bare | serve/storescp"
+    )
+    for senders in sender_counts:
+        rates = {}
+        for kind in kinds:
+            best = 0.0
+            for attempt in range(repeats):
+                root = work / f"{kind.split()[0]}-{senders}-{attempt}"
+                with peer(kind, root) as port:
+                    seconds = send(port, folders[:senders])
+                best = max(best, senders * instances / seconds)
+                shutil.rmtree(root)
+            rates[kind] = best
+        serve, bare, dcmtk = (rates[kind] for kind in kinds)
+        cells = " | ".join(f"{rates[kind]:>12.0f} i/s" for kind in kinds)
+        print(f"{senders:>7} | {cells} | {serve / bare:>10.2f} | {serve / dcmtk:>14.2f}", flush=True)
+
+
+def profile(work: Path, instances: int, size: int, senders: int, top: int) -> None:
+    """Run the node in this process under yappi (CPU clock, all threads) while senders send."""
+    import logging
+
+    import yappi
+
+    from dicom_node.config import load_settings
+    from dicom_node.server import NodeServer
+
+    folders = [work / "input" / f"sender{n}" for n in range(senders)]
+    for n, folder in enumerate(folders):
+        write_series(folder, instances, size, seed=n)
+    root = work / "node"
+    port = free_port()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ["BRAIN3D_DATABASE__AUDIT_KEY"] = "benchmark-audit-key-0123456789"
+    root.mkdir(parents=True)
+    node = NodeServer(load_settings(write_node_config(root, port)))
+    node.start()
+    yappi.set_clock_type("cpu")
+    yappi.start()
+    seconds = send(port, folders)
+    yappi.stop()
+    node.stop()
+    print(f"profiled: {senders} senders x {instances} instances in {seconds:.2f} s")
+    stats = yappi.get_func_stats()
+    stats.sort("tsub", "desc")
+    print(f"{'own CPU s':>10} {'calls':>8}  function")
+    for entry in list(stats)[:top]:
+        print(f"{entry.tsub:>10.3f} {entry.ncall:>8}  {Path(entry.module).name}:{entry.lineno} {entry.name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="profile brain3d serve instead")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--bare-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_scp:
+        bare_scp(int(args.bare_scp[0]), Path(args.bare_scp[1]))
+        return
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install dcmtk")
+    with tempfile.TemporaryDirectory(prefix="brain3d-ingest-") as work:
+        if args.profile:
+            profile(Path(work), args.instances, args.size, max(args.senders), args.top)
+        else:
+            benchmark(Path(work), args.instances, args.size, args.senders, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
