@@ -19,6 +19,7 @@ the same objects, so a PACS stores each SR once however often it is delivered.
 from __future__ import annotations
 
 import io
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,7 +53,6 @@ _PATIENT_STUDY_TYPE2 = (
     "StudyTime",
     "ReferringPhysicianName",
 )
-
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,20 @@ def report_uids(source_series_uid: str, algorithm: AlgorithmIdentity, input_hash
     )
 
 
+def printable_text(text: str) -> str:
+    """``text`` without the characters a DICOM text value may not hold (controls other than
+    line breaks and tabs, unassigned or private code points, U+FFFD from undecodable bytes).
+
+    A model's output is untrusted text: an SR must stay valid whatever it generates.
+    """
+    kept = (
+        character
+        for character in text
+        if character in "\n\t" or (unicodedata.category(character)[0] != "C" and character != "\ufffd")
+    )
+    return "".join(kept).strip()
+
+
 def build_reports(
     sources: Sequence[Dataset],
     report_text: str,
@@ -105,6 +119,7 @@ def build_reports(
     predecessors: Sequence[Dataset] = (),
 ) -> ReportPair:
     """The narrative (TID 2000, Comprehensive SR) and coded (TID 1500, Comprehensive 3D SR) SRs."""
+    report_text = printable_text(report_text)
     evidence = _evidence(sources)
     uids = report_uids(evidence[0].SeriesInstanceUID, algorithm, input_hash)
     disclaimers = _disclaimers(synthetic_demo)

@@ -429,3 +429,21 @@ def test_the_only_warnings_are_the_declared_local_codes(tmp_path: Path) -> None:
     assert measurement_warnings and all("<99BRAIN3D>" in warning for warning in measurement_warnings)
     scheme = pair.measurement.CodingSchemeIdentificationSequence[0]
     assert scheme.CodingSchemeDesignator == "99BRAIN3D"
+
+
+def test_untrusted_model_text_with_control_characters_still_gives_a_valid_sr(tmp_path: Path) -> None:
+    garbage = "Lesion in the left\x11 frontal lobe\x00 with edema.\ufffd\x7f\nNo necrosis."
+    pair = build_reports(
+        mr_series(3, with_pixels=False),
+        garbage,
+        parse(garbage),
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+    )
+    path = _written(pair.narrative, tmp_path, "garbage")
+    assert validate_sr(path) == []
+    assert read_narrative(pydicom.dcmread(path)).findings[0] == (
+        "Lesion in the left frontal lobe with edema.\nNo necrosis."
+    )
