@@ -24,6 +24,115 @@ def synth(
     typer.echo(f"wrote {cases} cases and {manifest} in {time.perf_counter() - start:.1f} s")
 
 
+def train(
+    out: Annotated[Path, typer.Option(help="Run folder: one sub-folder per stage, final/ at the end")],
+    stage: Annotated[
+        str, typer.Option(help="pretrain-text, pretrain-2d, contrastive, projector, lora or all")
+    ] = "all",
+    preset: Annotated[str, typer.Option(help="tiny, demo or medgemma-4b")] = "demo",
+    manifest: Annotated[Path | None, typer.Option(help="manifest.jsonl (train/val splits)")] = None,
+    synthetic: Annotated[bool, typer.Option(help="synthesise the training data instead")] = False,
+    cases: Annotated[int, typer.Option(help="synthetic cases (train + 10% validation)")] = 1200,
+    seed: Annotated[int, typer.Option()] = 0,
+    init: Annotated[Path | None, typer.Option(help="start from this checkpoint")] = None,
+    minutes_scale: Annotated[float, typer.Option(help="multiply every stage's time budget")] = 1.0,
+    micro_batch: Annotated[int | None, typer.Option(help="override every stage's micro-batch")] = None,
+    accumulation: Annotated[int | None, typer.Option(help="override gradient accumulation")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch")] = 2,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Train Brain3D stage by stage (seeded, resumable; see inference/training.py)."""
+    import dataclasses
+
+    import torch
+
+    from inference import training
+    from inference.configuration_brain3d import Brain3DConfig
+
+    torch.set_num_threads(threads)
+    if (manifest is None) == (not synthetic):
+        raise typer.BadParameter("give exactly one of --manifest or --synthetic")
+    stages = list(training.STAGES) if stage == "all" else [stage]
+    if preset == "medgemma-4b" and stage == "all":
+        stages = ["contrastive", "projector", "lora"]  # pretrained 2D and text weights: no pretraining
+    grid = Brain3DConfig.from_preset(preset).input_grid
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "data.pt"
+    start = time.perf_counter()
+    if cache.exists():
+        data = training.TrainingData.load(cache)
+    elif synthetic:
+        data = training.synthetic_data(cases, seed + 1_000_003, grid)
+        data.save(cache)
+    else:
+        data = training.manifest_data(manifest, grid)  # type: ignore[arg-type]
+        data.save(cache)
+    typer.echo(
+        f"data: {len(data.indices('train'))} train, {len(data.indices('val'))} val, "
+        f"ready in {time.perf_counter() - start:.0f} s"
+    )
+    schedule = {}
+    for name, settings in training.DEMO_SCHEDULE.items():
+        changes: dict = {"minutes": settings.minutes * minutes_scale}
+        if micro_batch:
+            changes["micro_batch"] = micro_batch
+        if accumulation:
+            changes["accumulation"] = accumulation
+        schedule[name] = dataclasses.replace(settings, **changes)
+    training.train_pipeline(preset, stages, data, out, seed=seed, init=init, schedule=schedule, device=device)
+    typer.echo(f"final checkpoint: {out / 'final'}")
+
+
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="A saved Brain3D checkpoint folder")],
+    manifest: Annotated[Path, typer.Option(help="manifest.jsonl with reference reports")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json, confusion PNG, samples")],
+    split: Annotated[str, typer.Option(help="manifest split to evaluate")] = "test",
+    ablation: Annotated[bool, typer.Option(help="also train and evaluate the stage combinations")] = False,
+    minutes_scale: Annotated[float, typer.Option(help="time budget scale of the ablation runs")] = 0.5,
+    threads: Annotated[int, typer.Option()] = 2,
+) -> None:
+    """Score a checkpoint: the paper's keyword F1 (bootstrap CI), per-finding metrics, BLEU/ROUGE."""
+    import torch
+
+    from inference import evaluation
+
+    torch.set_num_threads(threads)
+    metrics = evaluation.evaluate_checkpoint(checkpoint, manifest, out, split)
+    typer.echo(evaluation.format_table(metrics, f"{checkpoint} on {manifest} ({split})"))
+    if ablation:
+        results = evaluation.run_ablation(manifest, out / "ablation", minutes_scale=minutes_scale)
+        typer.echo(evaluation.ablation_table(results))
+
+
+data_app = typer.Typer(
+    help="Real data: BraTS / TextBraTS / healthy folders into a manifest.", no_args_is_help=True
+)
+
+
+@data_app.command("import")
+def import_data(
+    out: Annotated[Path, typer.Option(help="manifest.jsonl to write")],
+    brats: Annotated[Path | None, typer.Option(help="BraTS 2020/2021/2023 folder")] = None,
+    reports: Annotated[Path | None, typer.Option(help="TextBraTS reports (<case>_flair_text.txt)")] = None,
+    healthy: Annotated[Path | None, typer.Option(help="folder of healthy FLAIR NIfTI files")] = None,
+    seed: Annotated[int, typer.Option(help="split seed")] = 42,
+) -> None:
+    """Build a manifest (reports from TextBraTS or rendered from labels; splits by subject)."""
+    from collections import Counter
+
+    from inference.data_import import import_brats
+
+    if brats is None and healthy is None:
+        raise typer.BadParameter("give --brats and/or --healthy")
+    entries = import_brats(brats, out, reports, healthy, seed)
+    counts = Counter((e["source"], e["split"]) for e in entries)
+    typer.echo(f"wrote {len(entries)} entries to {out}: {dict(sorted(counts.items()))}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the ``brain3d`` application."""
     app.command("synth")(synth)
+    app.command("train")(train)
+    app.command("eval")(evaluate)
+    app.add_typer(data_app, name="data")

@@ -1,0 +1,182 @@
+"""Import real data into a manifest: BraTS 2020 / 2021 / 2023 folders, TextBraTS reports and a
+folder of healthy FLAIR NIfTI files.
+
+Layouts recognised (any depth below ``--brats``):
+
+- 2020: ``BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz`` and ``..._seg.nii.gz``;
+- 2021: ``BraTS2021_00000/BraTS2021_00000_flair.nii.gz`` and ``..._seg.nii.gz``;
+- 2023: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz`` and ``...-seg.nii.gz``
+  (the last number is the time point: the subject is ``BraTS-GLI-00000``).
+
+A TextBraTS report ``<case>_flair_text.txt`` found under ``--reports`` is used verbatim; else a
+report is rendered through the schema from the segmentation: side from the lesion's position
+relative to the head's own midline (bilateral when the smaller side holds at least a quarter
+of it), lobe from the lesion centroid mapped to MNI-like coordinates by the head's bounding box,
+edema from label 2, necrosis from label 1, enhancement from label 4 (2020/2021) or 3 (2023),
+size from the tumour core's equivalent radius, ventricular compression when the lesion reaches
+the periventricular box of :mod:`inference.synthetic`; midline shift is not derived (False).
+Findings of TextBraTS reports are read with :func:`inference.report_schema.parse`.
+
+Splits are by subject, stratified by side, seeded (70/10/20).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from inference.dataset import assign_splits, stratum, write_manifest
+from inference.preprocessing import foreground_mask
+from inference.report_schema import (
+    NORMAL,
+    NORMAL_SENTENCES,
+    Findings,
+    Lobe,
+    Side,
+    Size,
+    findings_to_dict,
+    parse,
+)
+from inference.report_schema import render as render_report
+from inference.synthetic import LOBE_CODES, SIZE_RADIUS_MM, lobe_map
+
+_FLAIR = re.compile(r"^(?P<case>.+?)(?:_flair|-t2f)\.nii(?:\.gz)?$")
+#: MNI brain extent (mm) the head's bounding box is mapped onto, per RAS axis.
+MNI_BRAIN_BOX = np.array([[-70.0, 70.0], [-104.0, 70.0], [-48.0, 80.0]])
+
+
+def _subject_of(case: str) -> str:
+    match = re.match(r"^(BraTS-[A-Z]+-\d+)-\d+$", case)
+    return match.group(1) if match else case
+
+
+def _seg_path(flair: Path, case: str) -> Path | None:
+    for name in (f"{case}_seg.nii.gz", f"{case}_seg.nii", f"{case}-seg.nii.gz", f"{case}-seg.nii"):
+        if (flair.parent / name).exists():
+            return flair.parent / name
+    return None
+
+
+def findings_from_segmentation(
+    flair: nib.spatialimages.SpatialImage, seg: nib.spatialimages.SpatialImage, enhancing_label: int
+) -> Findings:
+    """Findings of a BraTS-style label map (see the module docstring for the rules)."""
+    flair = nib.as_closest_canonical(flair)
+    seg = nib.as_closest_canonical(seg)
+    labels = np.asarray(seg.dataobj).astype(np.int16)
+    lesion = labels > 0
+    if not lesion.any():
+        return NORMAL
+    head = foreground_mask(np.asarray(flair.dataobj, dtype=np.float32))
+
+    def world(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        return (affine[:3, :3] @ np.argwhere(mask).T + affine[:3, 3:4]).T
+
+    head_points = world(head, flair.affine)
+    low, high = head_points.min(0), head_points.max(0)
+    lesion_points = world(lesion, seg.affine)
+    midline = (low[0] + high[0]) / 2
+    left = float(np.mean(lesion_points[:, 0] < midline))
+    minority = min(left, 1 - left)
+    side = Side.BILATERAL if minority >= 0.25 else Side.LEFT if left > 0.5 else Side.RIGHT
+    # Head box -> MNI brain box, axis by axis.
+    mni = (
+        MNI_BRAIN_BOX[:, 0]
+        + (lesion_points - low) / np.maximum(high - low, 1e-6) * np.diff(MNI_BRAIN_BOX, axis=1)[:, 0]
+    )
+    centroid = mni.mean(0)
+    code = int(lobe_map(centroid.reshape(3, 1, 1, 1))[0, 0, 0])
+    lobe = {v: k for k, v in LOBE_CODES.items()}[code]
+    voxel_volume = float(abs(np.linalg.det(seg.affine[:3, :3])))
+    core = np.isin(labels, [1, 3, 4]).sum() * voxel_volume
+    radius = (3 * core / (4 * np.pi)) ** (1 / 3)
+    size = (
+        Size.SMALL
+        if radius < SIZE_RADIUS_MM[Size.MEDIUM][0]
+        else Size.MEDIUM
+        if radius < SIZE_RADIUS_MM[Size.LARGE][0]
+        else Size.LARGE
+    )
+    x, y, z = mni.T
+    periventricular = (np.abs(x) < 25) & (y > -40) & (y < 25) & (z > 0) & (z < 30)
+    return Findings(
+        abnormal=True,
+        side=side,
+        lobes=frozenset({lobe}) if isinstance(lobe, Lobe) else frozenset(),
+        edema=bool((labels == 2).any()),
+        necrosis=bool((labels == 1).any()),
+        enhancement=bool((labels == enhancing_label).any()),
+        ventricular_compression=bool(periventricular.any()),
+        midline_shift=False,
+        size=size,
+    )
+
+
+def _find_reports(reports_dir: Path | None) -> dict[str, Path]:
+    if reports_dir is None:
+        return {}
+    return {p.name[: -len("_flair_text.txt")]: p for p in reports_dir.rglob("*_flair_text.txt")}
+
+
+def import_brats(
+    brats_dir: Path | None,
+    out: Path,
+    reports_dir: Path | None = None,
+    healthy_dir: Path | None = None,
+    seed: int = 42,
+) -> list[dict]:
+    """Write a manifest of BraTS cases (with reports) and healthy controls; returns its entries."""
+    reports = _find_reports(reports_dir)
+    base = out.parent.resolve()
+    entries: list[dict] = []
+    flairs = sorted(p for p in (brats_dir.rglob("*.nii*") if brats_dir else []) if _FLAIR.match(p.name))
+    for flair_path in flairs:
+        case = _FLAIR.match(flair_path.name).group("case")  # type: ignore[union-attr]
+        seg_path = _seg_path(flair_path, case)
+        enhancing = 3 if flair_path.name.endswith(("-t2f.nii.gz", "-t2f.nii")) else 4
+        if case in reports:
+            report = reports[case].read_text().strip()
+            findings, report_source = parse(report), "textbrats"
+        elif seg_path is not None:
+            findings = findings_from_segmentation(nib.load(flair_path), nib.load(seg_path), enhancing)
+            report, report_source = render_report(findings), "rendered-from-seg"
+        else:
+            continue  # neither a report nor labels: nothing to learn or score against
+        entry = {
+            "id": case,
+            "subject": _subject_of(case),
+            "source": "brats",
+            "path": os.path.relpath(flair_path.resolve(), base),
+            "format": "nifti",
+            "report": report,
+            "report_source": report_source,
+            "findings": findings_to_dict(findings),
+        }
+        if seg_path is not None:
+            entry["seg"] = os.path.relpath(seg_path.resolve(), base)
+        entries.append(entry)
+    for path in sorted(healthy_dir.rglob("*.nii*") if healthy_dir else []):
+        case = "healthy-" + re.sub(r"\.nii(\.gz)?$", "", path.name)
+        entries.append(
+            {
+                "id": case,
+                "subject": case,
+                "source": "healthy",
+                "path": os.path.relpath(path.resolve(), base),
+                "format": "nifti",
+                "report": NORMAL_SENTENCES[0],
+                "report_source": "healthy-folder",
+                "findings": findings_to_dict(NORMAL),
+            }
+        )
+    splits = assign_splits(
+        [e["subject"] for e in entries], [stratum(parse(e["report"])) for e in entries], seed
+    )
+    for entry in entries:
+        entry["split"] = splits[entry["subject"]]
+    write_manifest(out, entries)
+    return entries

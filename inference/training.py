@@ -1,0 +1,636 @@
+"""Training stages of Brain3D, one loop for all of them.
+
+Stages (``--stage``):
+
+- ``pretrain-text``: the small decoder learns the report language (next token on the corpus);
+- ``pretrain-2d``: a 2D SigLIP encoder learns axial slices against report embeddings (sigmoid
+  loss), then is inflated into the 3D encoder;
+- ``contrastive`` (stage 1): tubelets, positions, compressor, projector (and the encoder blocks
+  when not pretrained), InfoNCE between volumes and reports;
+- ``projector`` (stage 2a): projector and soft prompts, next token on report tokens only;
+- ``lora`` (stage 2b): those plus LoRA (and the whole decoder when not pretrained).
+
+Every stage: seeded, progress bar, validation, best checkpoint (``<out>/<stage>/best``),
+resume from ``<out>/<stage>/last.pt``, JSON log and loss-curve PNG, gradient accumulation,
+bf16 autocast on a GPU. Reports are re-rendered from their findings with fresh wording at
+every step for synthetic data, so the decoder learns findings rather than one phrasing.
+
+Presets without pretrained vision weights (``tiny``, ``demo``) also train the encoder in the
+language-modelling stages (``vision_in_lm_stages``): there is no pretrained feature to keep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from inference.report_schema import NORMAL_SENTENCES, Findings, parse, render
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pretrain-text", "pretrain-2d", "contrastive", "projector", "lora")
+LM_STAGES = ("projector", "lora")
+VISION_GROUPS = {"tubelet_embedding", "depth_position", "plane_position", "encoder_blocks", "compressor"}
+
+
+@dataclass
+class StageSettings:
+    """How long and how hard one stage trains."""
+
+    minutes: float = 2.0
+    max_epochs: int = 50
+    micro_batch: int = 8
+    accumulation: int = 1
+    learning_rate: float = 1e-3
+    validate_every: int = 50
+
+
+#: Budgets for the demo preset on two CPU cores (about 18 minutes of training in all).
+DEMO_SCHEDULE: dict[str, StageSettings] = {
+    "pretrain-text": StageSettings(minutes=1.5, micro_batch=32, learning_rate=2e-3, validate_every=100),
+    "pretrain-2d": StageSettings(minutes=1.5, micro_batch=32, learning_rate=1e-3, validate_every=100),
+    "contrastive": StageSettings(minutes=2.5, micro_batch=16, learning_rate=5e-4, validate_every=50),
+    "projector": StageSettings(minutes=1.5, micro_batch=16, learning_rate=1e-3, validate_every=50),
+    "lora": StageSettings(minutes=11.0, micro_batch=16, learning_rate=1e-3, validate_every=100),
+}
+
+
+@dataclass
+class TrainingData:
+    """Prepared volumes ``(N, 1, D, H, W)`` with findings, reference reports and splits."""
+
+    volumes: torch.Tensor
+    findings: list[Findings]
+    reports: list[str]
+    splits: list[str]
+    rerender: bool = True  # synthetic reports come from findings: fresh wording each time
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, s in enumerate(self.splits) if s == split]
+
+    def report_for(self, index: int, rng: random.Random) -> str:
+        if self.rerender:
+            return render(self.findings[index], rng)
+        return self.reports[index]
+
+    def save(self, path: Path) -> None:
+        from inference.report_schema import findings_to_dict
+
+        torch.save(
+            {
+                "volumes": self.volumes.half(),
+                "findings": [findings_to_dict(f) for f in self.findings],
+                "reports": self.reports,
+                "splits": self.splits,
+                "rerender": self.rerender,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> TrainingData:
+        from inference.report_schema import findings_from_dict
+
+        stored = torch.load(path, weights_only=True)
+        return cls(
+            stored["volumes"].float(),
+            [findings_from_dict(f) for f in stored["findings"]],
+            stored["reports"],
+            stored["splits"],
+            stored["rerender"],
+        )
+
+
+def synthetic_data(cases: int, seed: int, grid: Sequence[int], val_fraction: float = 0.1) -> TrainingData:
+    """Synthesise and prepare ``cases`` cases in memory (through :func:`prepare`, like any file)."""
+    import nibabel as nib
+
+    from inference.preprocessing import prepare
+    from inference.synthetic import generate_cases
+
+    volumes, findings, reports, splits = [], [], [], []
+    cut = round(cases * (1 - val_fraction))
+    for index, case in enumerate(
+        tqdm(generate_cases(cases, seed), total=cases, desc="synthesise", leave=False)
+    ):
+        volumes.append(prepare(nib.Nifti1Image(case.volume, case.affine), grid))
+        findings.append(case.findings)
+        reports.append(case.report)
+        splits.append("train" if index < cut else "val")
+    return TrainingData(torch.stack(volumes), findings, reports, splits)
+
+
+def manifest_data(manifest: Path, grid: Sequence[int]) -> TrainingData:
+    """Train and validation entries of a manifest, loaded through :func:`inference.dataset.load_volume`."""
+    from inference.dataset import entry_findings, load_volume, read_manifest
+
+    entries = [e for e in read_manifest(manifest) if e.get("split") in ("train", "val")]
+    volumes = [load_volume(e, grid) for e in tqdm(entries, desc="prepare", leave=False)]
+    return TrainingData(
+        torch.stack(volumes),
+        [entry_findings(e) for e in entries],
+        [e["report"] for e in entries],
+        [e["split"] for e in entries],
+        rerender=all(e.get("source") == "synthetic" for e in entries),
+    )
+
+
+def report_corpus(data: TrainingData, variants: int = 4, seed: int = 0) -> list[str]:
+    """Texts for the tokenizer and text pretraining: every training report in several wordings."""
+    rng = random.Random(seed)
+    corpus = [*NORMAL_SENTENCES]
+    for index in data.indices("train"):
+        corpus.append(data.reports[index])
+        if data.rerender:
+            corpus.extend(render(data.findings[index], rng) for _ in range(variants))
+    return corpus
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    seconds: float
+    best_validation: float
+    log: list[dict] = field(default_factory=list)
+    trainable: dict[str, int] = field(default_factory=dict)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _plot_losses(log: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    train = [(e["step"], e["loss"]) for e in log if "loss" in e]
+    val = [(e["step"], e["val_loss"]) for e in log if "val_loss" in e]
+    if train:
+        axis.plot(*zip(*train, strict=True), label="train", alpha=0.6)
+    if val:
+        axis.plot(*zip(*val, strict=True), "o-", label="validation")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def run_loop(
+    stage: str,
+    parameters: list[torch.nn.Parameter],
+    batch_loss: Callable[[list[int], random.Random], torch.Tensor],
+    validate: Callable[[], dict[str, float]],
+    save_best: Callable[[Path], None],
+    train_indices: list[int],
+    settings: StageSettings,
+    out_dir: Path,
+    seed: int,
+    modules: Sequence[torch.nn.Module],
+    trainable: dict[str, int] | None = None,
+) -> StageResult:
+    """Generic loop: time- and epoch-bounded, validated, best-kept, resumable."""
+    stage_dir = out_dir / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if (stage_dir / "done.json").exists():
+        logger.info("stage %s already finished in %s", stage, stage_dir)
+        return StageResult(**json.loads((stage_dir / "done.json").read_text()))
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.01)
+    steps_per_epoch = max(len(train_indices) // (settings.micro_batch * settings.accumulation), 1)
+    total_steps = steps_per_epoch * settings.max_epochs
+    warmup = min(50, total_steps // 10 + 1)
+
+    def learning_rate_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(step / max(total_steps, 1), 1.0)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+    state = {"step": 0, "elapsed": 0.0, "best": math.inf, "log": []}
+    last = stage_dir / "last.pt"
+    _seed_everything(seed)
+    if last.exists():
+        saved = torch.load(last, weights_only=False)
+        for module, module_state in zip(modules, saved["modules"], strict=True):
+            module.load_state_dict(module_state)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        random.setstate(saved["python_rng"])
+        np.random.set_state(saved["numpy_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        logger.info("resuming stage %s at step %d", stage, state["step"])
+    rng = random.Random(seed + state["step"])
+    budget = settings.minutes * 60
+    started = time.perf_counter() - state["elapsed"]
+    progress = tqdm(total=total_steps, initial=state["step"], desc=stage, leave=False)
+
+    def checkpoint() -> None:
+        state["elapsed"] = time.perf_counter() - started
+        torch.save(
+            {
+                "modules": [m.state_dict() for m in modules],
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": state,
+                "python_rng": random.getstate(),
+                "numpy_rng": np.random.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            last,
+        )
+
+    def evaluate() -> None:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            metrics = validate()
+        for module in modules:
+            module.train()
+        state["log"].append({"step": state["step"], **metrics})
+        if metrics["val_loss"] < state["best"]:
+            state["best"] = metrics["val_loss"]
+            save_best(stage_dir / "best")
+        progress.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+        checkpoint()
+
+    for module in modules:
+        module.train()
+    order = np.random.default_rng(seed).permutation(train_indices).tolist()
+    cursor = (state["step"] * settings.micro_batch * settings.accumulation) % len(order)
+    while state["step"] < total_steps and time.perf_counter() - started < budget:
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(settings.accumulation):
+            if cursor + settings.micro_batch > len(order):
+                order = np.random.default_rng(seed + state["step"]).permutation(train_indices).tolist()
+                cursor = 0
+            batch = order[cursor : cursor + settings.micro_batch]
+            cursor += settings.micro_batch
+            loss = batch_loss(batch, rng) / settings.accumulation
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        progress.update(1)
+        if state["step"] % 10 == 0:
+            state["log"].append({"step": state["step"], "loss": total, "lr": scheduler.get_last_lr()[0]})
+        if state["step"] % settings.validate_every == 0:
+            evaluate()
+    evaluate()
+    progress.close()
+    seconds = time.perf_counter() - started
+    result = StageResult(stage, state["step"], seconds, state["best"], state["log"], trainable or {})
+    (stage_dir / "log.json").write_text(json.dumps(asdict(result), indent=1))
+    _plot_losses(
+        state["log"], stage_dir / "loss.png", f"{stage}: {state['step']} steps, {seconds / 60:.1f} min"
+    )
+    (stage_dir / "done.json").write_text(json.dumps(asdict(result)))
+    last.unlink(missing_ok=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------- stages
+
+
+def _volumes(data: TrainingData, batch: list[int], device: torch.device) -> torch.Tensor:
+    return data.volumes[batch].to(device)
+
+
+def _validation_batches(data: TrainingData, size: int) -> list[list[int]]:
+    indices = data.indices("val")
+    return [
+        indices[i : i + size] for i in range(0, len(indices) - 1, size) if len(indices[i : i + size]) >= 2
+    ]
+
+
+def train_text(model, data: TrainingData, settings: StageSettings, out_dir: Path, seed: int) -> StageResult:
+    """``pretrain-text``: the decoder (base weights, adapter off) learns the report language."""
+    decoder = model.causal_lm
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    parameters = [p for n, p in decoder.named_parameters() if ".lora_" not in n]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    tokenizer, end = model.tokenizer, model.layout.report_end_id
+    device = model.device
+
+    def loss_of(texts: list[str]) -> torch.Tensor:
+        from inference.modeling_brain3d import _pad_right
+
+        sequences = [
+            [tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids, end] for t in texts
+        ]
+        ids, mask = _pad_right(sequences, tokenizer.pad_token_id, device)
+        with _autocast(device), model._frozen_language_model():
+            logits = decoder(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
+
+    val_rng = random.Random(seed + 1)
+    val_texts = [data.report_for(i, val_rng) for i in data.indices("val")]
+
+    def validate() -> dict[str, float]:
+        losses = [float(loss_of(val_texts[i : i + 32])) for i in range(0, len(val_texts), 32)]
+        return {"val_loss": float(np.mean(losses))}
+
+    return run_loop(
+        "pretrain-text",
+        parameters,
+        lambda batch, rng: loss_of([data.report_for(i, rng) for i in batch]),
+        validate,
+        model.save_pretrained,
+        data.indices("train"),
+        settings,
+        out_dir,
+        seed,
+        [model],
+        {"language_model": sum(p.numel() for p in parameters)},
+    )
+
+
+def _axial_slices(data: TrainingData, batch: list[int], rng: random.Random) -> torch.Tensor:
+    """One axial slice per volume: the brightest-lesion slice when lesional, else a random
+    mid-brain slice. ``(B, 1, H, W)``."""
+    slices = []
+    for index in batch:
+        volume = data.volumes[index, 0]
+        depth = volume.shape[0]
+        if data.findings[index].abnormal:
+            bright = (volume > 0.9).flatten(1).sum(1).float()
+            bright[: depth // 8] = 0  # the skull base and neck are not where lesions are drawn
+            choice = int(bright.argmax())
+        else:
+            choice = rng.randrange(depth // 4, 3 * depth // 4)
+        slices.append(volume[choice])
+    return torch.stack(slices).unsqueeze(1)
+
+
+def train_2d(model, data: TrainingData, settings: StageSettings, out_dir: Path, seed: int) -> StageResult:
+    """``pretrain-2d``: a 2D SigLIP encoder learns slices against report embeddings of the
+    (frozen) decoder with SigLIP's sigmoid loss; it is then inflated into the 3D encoder."""
+    from transformers import SiglipVisionModel
+
+    from inference.modeling_brain3d import InflatedSiglipEncoder
+
+    _seed_everything(seed)
+    config = model.config
+    siglip = SiglipVisionModel(config.vision_config).to(model.device)
+    head = torch.nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size).to(model.device)
+    scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=model.device))
+    bias = torch.nn.Parameter(torch.tensor(-10.0, device=model.device))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    parameters = [*siglip.parameters(), *head.parameters(), scale, bias]
+    image_size = config.vision_config.image_size
+    height, width = config.input_grid[1:]
+
+    def loss_of(batch: list[int], rng: random.Random) -> torch.Tensor:
+        images = _axial_slices(data, batch, rng).to(model.device)
+        if (height, width) != (image_size, image_size):
+            images = F.interpolate(
+                images, size=(image_size, image_size), mode="bilinear", align_corners=False
+            )
+        images = ((images - config.pixel_mean) / config.pixel_std).expand(-1, 3, -1, -1)
+        with _autocast(model.device):
+            tokens = siglip(pixel_values=images).last_hidden_state.mean(1)
+        image_embedding = F.normalize(head(tokens.float()), dim=-1)
+        with torch.no_grad():
+            text = F.normalize(
+                model.report_embeddings([data.report_for(i, rng) for i in batch]).float(), dim=-1
+            )
+        logits = image_embedding @ text.T * scale.exp() + bias
+        # Identical findings are positives too: a control matches every control's report.
+        same = torch.tensor(
+            [[data.findings[i] == data.findings[j] for j in batch] for i in batch], device=logits.device
+        )
+        labels = same.float() * 2 - 1
+        return -F.logsigmoid(labels * logits).sum() / len(batch)
+
+    val_batches = _validation_batches(data, settings.micro_batch)
+
+    def validate() -> dict[str, float]:
+        val_rng = random.Random(seed + 2)
+        return {"val_loss": float(np.mean([float(loss_of(b, val_rng)) for b in val_batches]))}
+
+    def save_best(directory: Path) -> None:
+        siglip.save_pretrained(directory)
+
+    result = run_loop(
+        "pretrain-2d",
+        parameters,
+        loss_of,
+        validate,
+        save_best,
+        data.indices("train"),
+        settings,
+        out_dir,
+        seed,
+        [siglip, head],
+        {"siglip_2d": sum(p.numel() for p in siglip.parameters())},
+    )
+    best = SiglipVisionModel.from_pretrained(out_dir / "pretrain-2d" / "best").to(model.device)
+    model.vision = InflatedSiglipEncoder(config, best).to(model.device)
+    return result
+
+
+def _findings_retrieval_accuracy(
+    model, data: TrainingData, batches: list[list[int]], rng: random.Random
+) -> float:
+    """Top-1 volume-to-report retrieval within each batch, counted correct when the retrieved
+    report states the same findings (controls share one meaning)."""
+    correct = total = 0
+    for batch in batches:
+        visual = F.normalize(model.encode(_volumes(data, batch, model.device)).mean(1).float(), dim=-1)
+        text = F.normalize(model.report_embeddings([data.report_for(i, rng) for i in batch]).float(), dim=-1)
+        best = (visual @ text.T).argmax(1).tolist()
+        correct += sum(data.findings[batch[q]] == data.findings[batch[k]] for q, k in enumerate(best))
+        total += len(batch)
+    return correct / max(total, 1)
+
+
+def train_model_stage(
+    model,
+    stage: str,
+    data: TrainingData,
+    settings: StageSettings,
+    out_dir: Path,
+    seed: int,
+    vision_in_lm: bool,
+) -> StageResult:
+    """Stage 1 (``contrastive``), 2a (``projector``) or 2b (``lora``)."""
+    if stage == "contrastive" and settings.micro_batch < 2:
+        raise ValueError(
+            "the contrastive stage needs a micro-batch of at least 2: the other studies of a batch "
+            "are its negatives, and gradient accumulation does not add any"
+        )
+    counts = model.set_trainable(stage)
+    if stage in LM_STAGES and vision_in_lm and not model.config.pretrained_vision:
+        for group, members in model.parameter_groups().items():
+            if group in VISION_GROUPS:
+                for _, parameter in members:
+                    parameter.requires_grad_(True)
+        counts["vision_in_lm_stage"] = sum(
+            p.numel() for g, m in model.parameter_groups().items() if g in VISION_GROUPS for _, p in m
+        )
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    counts["trainable"] = sum(p.numel() for p in parameters)
+    print(f"stage {stage}: trains {counts}")
+    device = model.device
+
+    def loss_of(batch: list[int], rng: random.Random) -> torch.Tensor:
+        reports = [data.report_for(i, rng) for i in batch]
+        with _autocast(device):
+            if stage == "contrastive":
+                return model.contrastive_loss(_volumes(data, batch, device), reports)
+            return model.language_modeling_loss(_volumes(data, batch, device), reports)
+
+    val_batches = _validation_batches(data, max(settings.micro_batch, 2))
+
+    def validate() -> dict[str, float]:
+        val_rng = random.Random(seed + 3)
+        metrics = {"val_loss": float(np.mean([float(loss_of(b, val_rng)) for b in val_batches]))}
+        if stage == "contrastive":
+            metrics["retrieval_accuracy"] = _findings_retrieval_accuracy(model, data, val_batches, val_rng)
+        return metrics
+
+    result = run_loop(
+        stage,
+        parameters,
+        loss_of,
+        validate,
+        model.save_pretrained,
+        data.indices("train"),
+        settings,
+        out_dir,
+        seed,
+        [model],
+        counts,
+    )
+    if stage == "contrastive":
+        final = [e for e in result.log if "retrieval_accuracy" in e]
+        if final:
+            print(f"stage contrastive: validation retrieval accuracy {final[-1]['retrieval_accuracy']:.3f}")
+    return result
+
+
+def quick_generation_check(model, data: TrainingData, limit: int = 64) -> dict[str, float]:
+    """Validation reports generated and parsed: a sanity figure printed after the LM stages."""
+    from inference.metrics import finding_metrics
+
+    indices = data.indices("val")[:limit]
+    generated = []
+    for start in range(0, len(indices), 16):
+        batch = indices[start : start + 16]
+        generated += model.generate(_volumes(data, batch, model.device)).reports
+    metrics = finding_metrics([data.findings[i] for i in indices], [parse(t) for t in generated])
+    return {
+        "laterality_error": metrics["laterality_error"],
+        "abnormal_specificity": metrics["abnormal_specificity"],
+        "hallucination_rate": metrics["hallucination_rate"],
+        "exact_match": metrics["exact_match"],
+    }
+
+
+# ----------------------------------------------------------------------------------- pipeline
+
+
+def build_model(preset: str, data: TrainingData, seed: int):
+    """A fresh model of ``preset`` with a tokenizer trained on the training reports."""
+    from inference.configuration_brain3d import Brain3DConfig
+    from inference.modeling_brain3d import Brain3D
+    from inference.tokenization import train_report_tokenizer
+
+    _seed_everything(seed)
+    # Reports legitimately repeat phrases ("is seen."): the paper's anti-repetition settings,
+    # meant for a chatty general LLM, would force a templated decoder off its findings.
+    config = Brain3DConfig.from_preset(preset, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    corpus = [*report_corpus(data, seed=seed), config.instruction]
+    tokenizer = train_report_tokenizer(corpus, vocab_size=config.text_config.vocab_size)
+    return Brain3D(config, tokenizer)
+
+
+def train_pipeline(
+    preset: str,
+    stages: Sequence[str],
+    data: TrainingData,
+    out_dir: Path,
+    seed: int = 0,
+    init: Path | None = None,
+    schedule: dict[str, StageSettings] | None = None,
+    vision_in_lm: bool = True,
+    device: str = "cpu",
+):
+    """Run ``stages`` in order, each starting from the previous one's best checkpoint.
+
+    Writes ``<out>/<stage>/`` per stage and the final model to ``<out>/final``; returns it."""
+    from inference.modeling_brain3d import Brain3D
+
+    schedule = schedule or DEMO_SCHEDULE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = Brain3D.from_pretrained(init) if init else build_model(preset, data, seed)
+    model = model.to(device)
+    results = []
+    for stage in stages:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
+        settings = schedule.get(stage, StageSettings())
+        if stage == "pretrain-text":
+            result = train_text(model, data, settings, out_dir, seed)
+        elif stage == "pretrain-2d":
+            result = train_2d(model, data, settings, out_dir, seed)
+        else:
+            result = train_model_stage(model, stage, data, settings, out_dir, seed, vision_in_lm)
+        results.append(result)
+        if stage == "pretrain-2d":
+            model.save_pretrained(out_dir / stage / "inflated")
+        else:
+            model = Brain3D.from_pretrained(out_dir / stage / "best").to(device)
+        print(
+            f"stage {stage}: {result.steps} steps in {result.seconds / 60:.1f} min, "
+            f"best val {result.best_validation:.4f}"
+        )
+        if stage in LM_STAGES:
+            model.eval()
+            print(f"stage {stage}: validation generations {quick_generation_check(model, data)}")
+    final = out_dir / "final"
+    model.save_pretrained(final)
+    summary = {
+        "preset": preset,
+        "seed": seed,
+        "stages": [asdict(r) | {"log": None} for r in results],
+        "training_minutes": sum(r.seconds for r in results) / 60,
+    }
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=1))
+    return model

@@ -1,0 +1,147 @@
+"""brain3d data import on a miniature BraTS / TextBraTS / healthy tree written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from data_fixtures import as_lps_stored, phantom_head
+from typer.testing import CliRunner
+
+from inference.dataset import entry_findings, load_volume, read_manifest
+from inference.report_schema import Side, parse
+from worker.cli import app
+
+GRID = (16, 32, 32)
+
+
+def _case(
+    folder: Path, flair_name: str, seg_name: str, side_mm: float, enhancing: int, lps: bool = False
+) -> np.ndarray:
+    """Write a FLAIR phantom with a lesion at ``side_mm`` (RAS x) and its BraTS-style labels."""
+    volume, affine = phantom_head(blob_offset_mm=(side_mm, 10.0, 15.0))
+    axes = [(np.arange(n) - (n - 1) / 2) * 3.0 for n in volume.shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    distance = np.sqrt((x - side_mm) ** 2 + (y - 10) ** 2 + (z - 15) ** 2)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[distance < 21] = 2
+    labels[distance < 15] = enhancing
+    labels[distance < 8] = 1
+    folder.mkdir(parents=True)
+    if lps:
+        nib.save(as_lps_stored(volume, affine), folder / flair_name)
+        nib.save(as_lps_stored(labels, affine), folder / seg_name)
+    else:
+        nib.save(nib.Nifti1Image(volume, affine), folder / flair_name)
+        nib.save(nib.Nifti1Image(labels, affine), folder / seg_name)
+    return volume
+
+
+def _tree(root: Path) -> dict[str, np.ndarray]:
+    brats = root / "brats"
+    volumes = {
+        "2020-001": _case(
+            brats / "BraTS20_Training_001",
+            "BraTS20_Training_001_flair.nii.gz",
+            "BraTS20_Training_001_seg.nii.gz",
+            -30,
+            4,
+        ),
+        "2020-002": _case(
+            brats / "BraTS20_Training_002",
+            "BraTS20_Training_002_flair.nii.gz",
+            "BraTS20_Training_002_seg.nii.gz",
+            30,
+            4,
+            lps=True,
+        ),
+    }
+    _case(brats / "BraTS2021_00000", "BraTS2021_00000_flair.nii.gz", "BraTS2021_00000_seg.nii.gz", -30, 4)
+    for timepoint in ("000", "001"):
+        name = f"BraTS-GLI-00007-{timepoint}"
+        _case(brats / name, f"{name}-t2f.nii.gz", f"{name}-seg.nii.gz", 30, 3)
+    reports = root / "textbrats"
+    reports.mkdir()
+    (reports / "BraTS20_Training_001_flair_text.txt").write_text(
+        "A lesion in the left frontal lobe with surrounding edema. No necrosis. No ventricular compression.\n"
+    )
+    healthy = root / "healthy"
+    healthy.mkdir()
+    volume, affine = phantom_head(blob_offset_mm=(-30.0, 10.0, 15.0))  # same image as BraTS20_Training_001
+    nib.save(nib.Nifti1Image(volume, affine), healthy / "sub-01_FLAIR.nii.gz")
+    control, control_affine = phantom_head(blob_offset_mm=None, seed=3)
+    nib.save(nib.Nifti1Image(control, control_affine), healthy / "sub-02_FLAIR.nii.gz")
+    return volumes
+
+
+def test_import_reads_all_layouts_reports_and_labels(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    manifest = tmp_path / "out" / "manifest.jsonl"
+    result = CliRunner().invoke(
+        app,
+        [
+            "data", "import", "--brats", str(tmp_path / "brats"), "--reports", str(tmp_path / "textbrats"),
+            "--healthy", str(tmp_path / "healthy"), "--out", str(manifest),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    entries = {e["id"]: e for e in read_manifest(manifest)}
+    assert set(entries) == {
+        "BraTS20_Training_001",
+        "BraTS20_Training_002",
+        "BraTS2021_00000",
+        "BraTS-GLI-00007-000",
+        "BraTS-GLI-00007-001",
+        "healthy-sub-01_FLAIR",
+        "healthy-sub-02_FLAIR",
+    }
+    textbrats = entries["BraTS20_Training_001"]
+    assert textbrats["report_source"] == "textbrats"
+    assert textbrats["report"].startswith("A lesion in the left frontal lobe")
+    assert entry_findings(textbrats).side is Side.LEFT and not entry_findings(textbrats).necrosis
+
+    # Rendered from labels: the side from RAS positions, whether the file is RAS- or LPS-stored.
+    assert entry_findings(entries["BraTS20_Training_002"]).side is Side.RIGHT
+    assert entry_findings(entries["BraTS2021_00000"]).side is Side.LEFT
+    gli = entry_findings(entries["BraTS-GLI-00007-000"])
+    assert gli.side is Side.RIGHT and gli.enhancement and gli.necrosis and gli.edema
+    for entry in entries.values():
+        assert parse(entry["report"]) == entry_findings(entry) or entry["report_source"] == "textbrats"
+    assert not entry_findings(entries["healthy-sub-02_FLAIR"]).abnormal
+
+    # Split by subject: both time points of one subject together.
+    assert entries["BraTS-GLI-00007-000"]["split"] == entries["BraTS-GLI-00007-001"]["split"]
+    assert {e["split"] for e in entries.values()} <= {"train", "val", "test"}
+    assert json.loads(manifest.read_text().splitlines()[0])["path"].endswith(".nii.gz")
+
+
+def test_patients_and_controls_share_one_loader(tmp_path: Path) -> None:
+    """The same image filed as a BraTS patient and as a healthy control gives the same tensor."""
+    _tree(tmp_path)
+    manifest = tmp_path / "manifest.jsonl"
+    from inference.data_import import import_brats
+
+    import_brats(tmp_path / "brats", manifest, None, tmp_path / "healthy")
+    entries = {e["id"]: e for e in read_manifest(manifest)}
+    patient = load_volume(entries["BraTS20_Training_001"], GRID)
+    control = load_volume(entries["healthy-sub-01_FLAIR"], GRID)
+    assert torch.equal(patient, control)
+    lps_patient = load_volume(entries["BraTS20_Training_002"], GRID)
+    assert lps_patient[0, :, :, GRID[2] // 2 :].max() > lps_patient[0, :, :, : GRID[2] // 2].max() - 1e-6
+
+
+def test_splits_are_seeded_and_stratified_by_side() -> None:
+    from inference.dataset import assign_splits
+
+    subjects = [f"s{i}" for i in range(100)]
+    strata = ["left"] * 40 + ["right"] * 40 + ["normal"] * 20
+    first = assign_splits(subjects, strata, seed=42)
+    assert first == assign_splits(subjects, strata, seed=42)
+    assert first != assign_splits(subjects, strata, seed=43)
+    for side, count in (("left", 40), ("normal", 20)):
+        members = [s for s, st in zip(subjects, strata, strict=True) if st == side]
+        test_share = sum(first[s] == "test" for s in members) / count
+        assert test_share == 0.2
