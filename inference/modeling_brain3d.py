@@ -421,12 +421,13 @@ class Brain3D(nn.Module):
         # decoder expects, and a reproducible choice for a given seed.
         generator = torch.Generator().manual_seed(0)
         special = set(self.tokenizer.all_special_ids)
-        candidates = torch.tensor([i for i in range(len(self.tokenizer)) if i not in special])
+        # On the CPU explicitly: the model may be built under another default device (benchmarks on a GPU).
+        candidates = torch.tensor([i for i in range(len(self.tokenizer)) if i not in special], device="cpu")
         chosen = candidates[
-            torch.randint(len(candidates), (self.config.num_soft_prompts,), generator=generator)
+            torch.randint(len(candidates), (self.config.num_soft_prompts,), generator=generator, device="cpu")
         ]
         embedding = language_model.get_input_embeddings()
-        self.soft_prompts.copy_(embedding(chosen.to(embedding.weight.device)).float())
+        self.soft_prompts.copy_(embedding(chosen.to(embedding.weight.device)).to(self.soft_prompts.dtype))
 
     # ---- parts ----------------------------------------------------------------------------------
 
