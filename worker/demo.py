@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import highdicom as hd
 import pydicom
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
     MRImageStorage,
@@ -55,7 +55,7 @@ class DemoPacs:
         for sop_class in (
             ComprehensiveSRStorage,
             EnhancedSRStorage,
-            hd.sr.Comprehensive3DSRStorage,
+            Comprehensive3DSRStorage,
             Verification,
         ):
             self._ae.add_supported_context(sop_class)
@@ -108,6 +108,18 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, name: s
     raise TimeoutError(f"{name} did not open port {port} within {timeout:.0f} s")
 
 
+def _wait_for_worker(log: Path, process: subprocess.Popen, timeout: float) -> None:
+    """Celery logs '<name> ready.' once its pool is up; sending earlier would time the start-up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"brain3d worker exited with status {process.returncode}; see {log}")
+        if b" ready." in log.read_bytes():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"brain3d worker was not ready within {timeout:.0f} s")
+
+
 def _send(files: list[Path], port: int, called_ae: str) -> None:
     ae = AE(ae_title="DEMO_MR")
     ae.add_requested_context(MRImageStorage)
@@ -144,7 +156,7 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
     """Run the demo end to end and return what the destination received."""
     from dicom_node.acquisition import FLAIR_2D, T1
     from dicom_node.series_writer import write_series
-    from inference.synthetic import SyntheticCaseSpec, synthesize_case
+    from inference.synthetic import synthesize_case
 
     started = time.monotonic()
     var_dir = Path(settings.storage.spool_dir).parent
@@ -166,12 +178,12 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
     command = [sys.executable, "-m", "worker.cli"]
     processes: list[subprocess.Popen] = []
     try:
-        for name, arguments in (("serve", ["serve"]), ("worker", ["worker", "--loglevel", "WARNING"])):
+        for name, arguments in (("serve", ["serve"]), ("worker", ["worker", "--loglevel", "INFO"])):
             with open(logs / f"{name}.log", "wb") as log:
                 processes.append(
                     subprocess.Popen(command + arguments, env=env, stdout=log, stderr=subprocess.STDOUT)
                 )
-        case = synthesize_case(SyntheticCaseSpec.lesional(seed=seed))
+        case = synthesize_case(f"demo-{seed}", lesional=True, seed=seed)
         study_dir = demo_dir / "study"
         flair = write_series(
             study_dir / "flair", case.volume, case.affine, preset=FLAIR_2D, seed=seed, series_number=1
@@ -187,6 +199,7 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
             study_uid=study_uid,
         )
         _wait_for_port(node_port, processes[0], 30, "brain3d serve")
+        _wait_for_worker(logs / "worker.log", processes[1], 60)
         _send(flair + t1, node_port, settings.node.ae_title)
         flair_uid = pydicom.dcmread(flair[0], stop_before_pixels=True).SeriesInstanceUID
         job = _wait_for_job(Database(settings.database.url), flair_uid, timeout)
@@ -247,7 +260,7 @@ def print_result(result: DemoResult, echo: Callable[[str], None] = print) -> Non
         (
             dataset
             for dataset in (pydicom.dcmread(path) for path in result.report_files)
-            if dataset.SOPClassUID == hd.sr.Comprehensive3DSRStorage
+            if dataset.SOPClassUID == Comprehensive3DSRStorage
         ),
         None,
     )
@@ -258,7 +271,7 @@ def print_result(result: DemoResult, echo: Callable[[str], None] = print) -> Non
         echo(f"  {key:<23}{coded.get(key, '-'):<25}{truth.get(key, '-')}")
     for path in result.report_files:
         dataset = pydicom.dcmread(path)
-        if dataset.SOPClassUID == hd.sr.ComprehensiveSRStorage:
+        if dataset.SOPClassUID == ComprehensiveSRStorage:
             echo(f"\nSR statements: {' | '.join(read_narrative(dataset).comments)}")
     echo("\nseconds after the last instance was received:")
     for name, seconds in _step_timings(job):
