@@ -6,14 +6,22 @@ so a database is only ever shaped by the migrations, never by ``create_all``.
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import make_url
 
 from dicom_node.db.session import create_database_engine
+
+#: PostgreSQL advisory lock key held while migrating ("B3DMIGRT" as a signed 64-bit integer).
+MIGRATION_LOCK_KEY = int.from_bytes(b"B3DMIGRT", "big", signed=True)
 
 #: ``migrations/`` at the repository root, found relative to this package (editable installs).
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -29,14 +37,56 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+@contextmanager
+def _migration_lock(url: str) -> Iterator[Connection]:
+    """A connection holding the database's migration lock.
+
+    The node, its workers and ``brain3d db upgrade`` may start together; without the lock
+    two of them would both create the tables and one would fail.
+    """
+    engine = create_database_engine(url)
+    try:
+        with engine.connect() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                connection.commit()
+                try:
+                    yield connection
+                finally:
+                    connection.rollback()
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                    connection.commit()
+                return
+            database = make_url(url).database
+            if connection.dialect.name != "sqlite" or not database or database == ":memory:":
+                yield connection
+                return
+            with open(f"{database}.migrate-lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    yield connection
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        engine.dispose()
+
+
+def _run(url: str, action: str, revision: str) -> None:
+    config = alembic_config(url)
+    with _migration_lock(url) as connection:
+        config.attributes["connection"] = connection
+        getattr(command, action)(config, revision)
+        connection.commit()
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` up to ``revision`` (idempotent)."""
-    command.upgrade(alembic_config(url), revision)
+    """Bring the database at ``url`` up to ``revision``; idempotent and safe to run concurrently."""
+    _run(url, "upgrade", revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
     """Take the database at ``url`` down to ``revision`` (``base`` drops every table)."""
-    command.downgrade(alembic_config(url), revision)
+    _run(url, "downgrade", revision)
 
 
 def current_revision(url: str) -> str | None:

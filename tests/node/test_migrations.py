@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -80,3 +82,23 @@ def test_postgres_refuses_truncate_of_the_audit_table(postgres_url: str) -> None
             connection.execute(text("TRUNCATE audit_events"))
     finally:
         engine.dispose()
+
+
+def test_concurrent_upgrades_all_succeed(database_url: str) -> None:
+    """serve, workers and an admin may all run the migrations at the same moment."""
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            upgrade(database_url)
+        except BaseException as exc:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert current_revision(database_url) == head_revision()
+    assert _tables(database_url) == MODEL_TABLES
