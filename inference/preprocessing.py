@@ -11,8 +11,12 @@
 3. the head's bounding box, plus a margin, is resampled onto the model grid, axis by axis,
    after an anti-aliasing Gaussian whose width follows the downsampling factor; working in
    the voxel frame of the canonical image makes the result independent of the voxel size;
-4. intensities mapped so that the 1st and 99th percentile inside the mask become 0 and 1,
-   clipped to [0, 1], and zero outside the mask (scanner background noise carries no signal).
+4. intensities mapped so that the 1st percentile inside the mask becomes 0 and the median
+   :data:`MEDIAN_LEVEL`, clipped to [0, 1], and zero outside the mask (scanner background noise
+   carries no signal). The median, not the 99th percentile, sets the scale: a hyperintense
+   lesion and its edema fill the top percentiles, so a p99 scale would dim the whole head of
+   every patient and let a model tell patients from controls by global brightness (the
+   shortcut probe measured AUC 0.74 with p1/p99 against 0.51 with p1/p50).
 
 Nothing here looks at file names, headers other than the affine, or the data source.
 """
@@ -31,7 +35,10 @@ from inference.convention import ras_array_to_dhw
 
 #: Fraction of the head's extent added around its bounding box (split over both sides).
 BOX_MARGIN = 0.08
-PERCENTILES = (1.0, 99.0)
+PERCENTILES = (1.0, 50.0)
+#: Where the head's median intensity lands; brighter tissue (lesion, edema, scalp fat) keeps
+#: its contrast up to 1 / MEDIAN_LEVEL times the median.
+MEDIAN_LEVEL = 0.4
 
 
 class HasInputGrid(Protocol):
@@ -107,5 +114,5 @@ def prepare(image: nib.spatialimages.SpatialImage, grid: Sequence[int] | HasInpu
     resampled = ndimage.map_coordinates(smoothed, coordinates, order=1, mode="constant", cval=0.0)
     inside = ndimage.map_coordinates(mask.astype(np.float32), coordinates, order=1, mode="constant") > 0.5
 
-    normalised = np.clip((resampled - low_value) / scale, 0.0, 1.0) * inside
+    normalised = np.clip(MEDIAN_LEVEL * (resampled - low_value) / scale, 0.0, 1.0) * inside
     return torch.from_numpy(ras_array_to_dhw(normalised.astype(np.float32))).unsqueeze(0)

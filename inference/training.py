@@ -381,16 +381,16 @@ def train_text(model, data: TrainingData, settings: StageSettings, out_dir: Path
 
 
 def _axial_slices(data: TrainingData, batch: list[int], rng: random.Random) -> torch.Tensor:
-    """One axial slice per volume: the brightest-lesion slice when lesional, else a random
+    """One axial slice per volume: for lesional cases the slice with the most hyperintense
+    voxels inside the central in-plane region (away from the bright scalp), else a random
     mid-brain slice. ``(B, 1, H, W)``."""
     slices = []
     for index in batch:
         volume = data.volumes[index, 0]
-        depth = volume.shape[0]
+        depth, height, width = volume.shape
         if data.findings[index].abnormal:
-            bright = (volume > 0.9).flatten(1).sum(1).float()
-            bright[: depth // 8] = 0  # the skull base and neck are not where lesions are drawn
-            choice = int(bright.argmax())
+            centre = volume[:, height // 6 : -height // 6, width // 6 : -width // 6]
+            choice = int((centre > 0.62).flatten(1).sum(1).argmax())
         else:
             choice = rng.randrange(depth // 4, 3 * depth // 4)
         slices.append(volume[choice])
