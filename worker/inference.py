@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dicom_node.config import ModelSettings
+from dicom_node.sr import printable_text
 
 logger = logging.getLogger("brain3d.worker")
 
@@ -89,4 +90,5 @@ def generate_report(loaded: LoadedModel, volume: np.ndarray) -> tuple[str, dict[
     batch = torch.from_numpy(volume).unsqueeze(0).to(loaded.device)
     with torch.inference_mode():
         output = loaded.model.generate(batch, max_new_tokens=loaded.max_new_tokens)
-    return output.reports[0].strip(), dict(output.timings)
+    # Stored, parsed and coded as it will read in the SR: without characters DICOM text may not hold.
+    return printable_text(output.reports[0]), dict(output.timings)

@@ -8,6 +8,7 @@ from dicom_node.sr.build import (
     ReportUIDs,
     build_reports,
     not_analysed_report,
+    printable_text,
     report_uids,
     sr_bytes,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ReportUIDs",
     "build_reports",
     "not_analysed_report",
+    "printable_text",
     "read_coded_findings",
     "read_narrative",
     "report_uids",

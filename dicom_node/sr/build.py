@@ -55,6 +55,9 @@ _PATIENT_STUDY_TYPE2 = (
 )
 
 
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+
+
 @dataclass(frozen=True)
 class AlgorithmIdentity:
     """Which model wrote the report (TID 4019 and the device observer)."""
@@ -280,6 +283,9 @@ def _document(
         software_versions=SOFTWARE_VERSION,
     )
     _pin_times(document, content_datetime)
+    if not _is_ascii(document):
+        # The model's text or the copied patient module holds characters beyond ASCII.
+        document.SpecificCharacterSet = "ISO_IR 192"
     if any(code.scheme_designator == sr_codes.LOCAL_SCHEME for code in _codes_in(document)):
         scheme = Dataset()
         scheme.CodingSchemeDesignator = sr_codes.LOCAL_SCHEME
@@ -287,6 +293,15 @@ def _document(
         scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
         document.CodingSchemeIdentificationSequence = [scheme]
     return document
+
+
+def _is_ascii(dataset: Dataset) -> bool:
+    """True when every text value of ``dataset`` (nested sequences included) is plain ASCII."""
+    for element in dataset.iterall():
+        values = element.value if element.VM > 1 else [element.value]
+        if element.VR in _TEXT_VRS and not all(str(value).isascii() for value in values if value is not None):
+            return False
+    return True
 
 
 def _pin_times(document: Dataset, content_datetime: datetime) -> None:

@@ -38,7 +38,10 @@ def validate_sr(path: Path | str) -> list[str]:
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TCP_NODELAY": "1"}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT_S, env=env, check=False)
+    # The tools print text values in the SR's own character set, not necessarily UTF-8.
+    return subprocess.run(
+        argv, capture_output=True, text=True, errors="replace", timeout=_TIMEOUT_S, env=env, check=False
+    )
 
 
 def _dciodvfy(path: Path) -> list[str]:

@@ -432,7 +432,7 @@ def test_the_only_warnings_are_the_declared_local_codes(tmp_path: Path) -> None:
 
 
 def test_untrusted_model_text_with_control_characters_still_gives_a_valid_sr(tmp_path: Path) -> None:
-    garbage = "Lesion in the left\x11 frontal lobe\x00 with edema.\ufffd\x7f\nNo necrosis."
+    garbage = "Lesion in the left\x11 frontal lobe\x00 with edema (Ödem).\ufffd\x7f\nNo necrosis."
     pair = build_reports(
         mr_series(3, with_pixels=False),
         garbage,
@@ -445,5 +445,5 @@ def test_untrusted_model_text_with_control_characters_still_gives_a_valid_sr(tmp
     path = _written(pair.narrative, tmp_path, "garbage")
     assert validate_sr(path) == []
     assert read_narrative(pydicom.dcmread(path)).findings[0] == (
-        "Lesion in the left frontal lobe with edema.\nNo necrosis."
+        "Lesion in the left frontal lobe with edema (Ödem).\nNo necrosis."
     )
