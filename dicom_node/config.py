@@ -92,7 +92,9 @@ class WorkerSettings(_Section):
     hard_time_limit_s: float = Field(900.0, gt=0)
     max_attempts: int = Field(3, ge=1, description="Interrupted starts of one step before the job fails.")
     heartbeat_s: float = Field(5.0, gt=0)
-    stale_after_s: float = Field(30.0, gt=0, description="A running job without a heartbeat this long is re-run.")
+    stale_after_s: float = Field(
+        30.0, gt=0, description="A running job without a heartbeat this long is re-run."
+    )
     reconcile_every_s: float = Field(10.0, gt=0)
 
 

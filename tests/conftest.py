@@ -11,7 +11,9 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-POSTGRES_ADMIN_URL = os.environ.get("BRAIN3D_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "BRAIN3D_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("BRAIN3D_TEST_REDIS", "redis://127.0.0.1:6379")
 
 

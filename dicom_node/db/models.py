@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -41,7 +42,7 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict] = {datetime: DateTime(timezone=True)}
 
 
 class JobState(enum.StrEnum):
@@ -107,7 +108,9 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str | None] = mapped_column(String(64))
     expected_instances: Mapped[int | None] = mapped_column(Integer)
-    state: Mapped[SeriesState] = mapped_column(_enum(SeriesState, "series_state"), default=SeriesState.RECEIVING)
+    state: Mapped[SeriesState] = mapped_column(
+        _enum(SeriesState, "series_state"), default=SeriesState.RECEIVING
+    )
     # Incremented each time late instances re-open a series that was already handed on.
     generation: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)

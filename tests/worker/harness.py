@@ -1,52 +1,43 @@
-"""Real processes for the worker's end-to-end tests: the node, Celery workers, storescu.
+"""Real processes for the worker's end-to-end tests: the node and Celery workers as ``brain3d``
+subprocesses, configured the way a user configures them (``BRAIN3D_<SECTION>__<KEY>``), and
+synthetic studies written by the node's own series writer.
 
-Everything is configured the way a user configures it: environment variables
-``BRAIN3D_<SECTION>__<KEY>`` on ``brain3d`` subprocesses.
+dcmtk's ``storescu`` (``serve_harness.storescu``) is the modality; Orthanc (``pacs.Orthanc``)
+is the PACS.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import pydicom
+from pacs import free_port
+from serve_harness import wait_for
 from sqlalchemy import select
 
-from dicom_node.config import Settings, load_settings
+from dicom_node.acquisition import FLAIR_2D, T1
 from dicom_node.db import Database, Job, Series
+from dicom_node.series_writer import write_series
+from inference.report_schema import Findings, Side
+from inference.synthetic import Case, synthesize_case
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
-    """Poll ``predicate`` until it returns something truthy; fail the test naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+#: The checkpoint the tests run: the committed demo model unless BRAIN3D_TEST_MODEL names another.
+MODEL = Path(os.environ.get("BRAIN3D_TEST_MODEL", REPO / "inference" / "checkpoints" / "demo"))
 
 
 @dataclass
 class NodeEnvironment:
-    """One isolated node installation: its folders, database, broker and destinations."""
+    """One isolated installation: its folders, database, broker and destinations."""
 
     root: Path
     database_url: str
@@ -56,11 +47,10 @@ class NodeEnvironment:
     extra: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
-        backend = (
-            self.broker_url
-            if self.broker_url.startswith("redis")
-            else f"db+sqlite:///{self.root / 'results.db'}"
-        )
+        if self.broker_url.startswith("redis"):
+            backend = self.broker_url
+        else:
+            backend = f"db+sqlite:///{self.root / 'results.db'}"
         values = {
             "BRAIN3D_NODE__HOST": "127.0.0.1",
             "BRAIN3D_NODE__PORT": str(self.node_port),
@@ -73,7 +63,9 @@ class NodeEnvironment:
             "BRAIN3D_QUEUE__BROKER_URL": self.broker_url,
             "BRAIN3D_QUEUE__RESULT_BACKEND": backend,
             "BRAIN3D_QUEUE__POLLING_INTERVAL": "0.1",
+            "BRAIN3D_COMPLETION__CHECK_INTERVAL": "0.1",
             "BRAIN3D_DESTINATIONS": json.dumps(self.destinations),
+            "BRAIN3D_MODEL__PATH": str(MODEL),
             "BRAIN3D_WORKER__HEARTBEAT_S": "1",
             "BRAIN3D_WORKER__STALE_AFTER_S": "8",
             "BRAIN3D_WORKER__RECONCILE_EVERY_S": "2",
@@ -82,17 +74,9 @@ class NodeEnvironment:
             "OMP_NUM_THREADS": "1",
             "TCP_NODELAY": "1",
         }
-        return {**os.environ, **values, **self.extra}
-
-    def settings(self) -> Settings:
-
-        previous = dict(os.environ)
-        os.environ.update(self.env())
-        try:
-            return load_settings()
-        finally:
-            os.environ.clear()
-            os.environ.update(previous)
+        environment = {**os.environ, **values, **self.extra}
+        environment.pop("BRAIN3D_CONFIG", None)
+        return environment
 
     def database(self) -> Database:
         return Database(self.database_url)
@@ -101,42 +85,52 @@ class NodeEnvironment:
 class Brain3DProcess:
     """``brain3d <arguments>`` as a child process, its output kept in a log file."""
 
-    def __init__(self, name: str, arguments: Sequence[str], environment: NodeEnvironment) -> None:
+    def __init__(self, name: str, arguments: list[str], environment: NodeEnvironment) -> None:
         self.name = name
-        self.arguments = list(arguments)
+        self.arguments = arguments
         self.environment = environment
         self.log_path = environment.root / f"{name}.log"
         self.process: subprocess.Popen | None = None
+        self._log_start = 0
 
     def start(self) -> Brain3DProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed on stop
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", *self.arguments],
-            env=self.environment.env(),
-            cwd=self.environment.root,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        self.environment.root.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", *self.arguments],
+                env=self.environment.env(),
+                cwd=self.environment.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+    def log(self) -> str:
+        """The log of the current run (a restarted process appends to the same file)."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
 
     def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.pid).children(recursive=True)
+        assert self.process is not None
+        return psutil.Process(self.process.pid).children(recursive=True)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def wait_until_logged(self, text: str, timeout: float = 90) -> None:
+        def logged() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited early:\n{self.log()[-4000:]}")
+            return text in self.log()
+
+        wait_for(logged, timeout)
 
     def kill(self) -> None:
-        """SIGKILL: the process gets no chance to clean up (its children are killed too)."""
-        if self.process is None:
+        """SIGKILL the process; its children (a worker's pool) are killed as well."""
+        if self.process is None or self.process.poll() is not None:
             return
-        children = self.children() if self.process.poll() is None else []
+        children = self.children()
         self.process.kill()
         self.process.wait(timeout=10)
         for child in children:
@@ -148,44 +142,67 @@ class Brain3DProcess:
             return
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
 
 
-def wait_for_port(port: int, process: Brain3DProcess, timeout: float = 60) -> None:
-    def is_open() -> bool:
-        if process.process is not None and process.process.poll() is not None:
-            raise AssertionError(f"{process.name} exited early:\n{process.log()[-3000:]}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(is_open, timeout, f"{process.name} to listen on port {port}")
+def start_node(environment: NodeEnvironment) -> Brain3DProcess:
+    node = Brain3DProcess("serve", ["serve"], environment).start()
+    node.wait_until_logged("node ready")
+    return node
 
 
-def wait_for_worker(process: Brain3DProcess, timeout: float = 90) -> None:
-    """A Celery worker is ready once it logs 'ready' and its prefork child exists."""
-
-    def ready() -> bool:
-        if process.process is not None and process.process.poll() is not None:
-            raise AssertionError(f"{process.name} exited early:\n{process.log()[-3000:]}")
-        return " ready." in process.log() and bool(process.children())
-
-    wait_until(ready, timeout, f"{process.name} to be ready")
+def start_worker(environment: NodeEnvironment, name: str = "worker") -> Brain3DProcess:
+    """A worker on both queues with one prefork child, ready once its pool is up."""
+    worker = Brain3DProcess(name, ["worker", "--concurrency", "1", "--loglevel", "INFO"], environment).start()
+    worker.wait_until_logged(" ready.")
+    wait_for(lambda: worker.children(), 30)
+    return worker
 
 
-def storescu(
-    files: Sequence[Path], port: int, *, calling_ae: str = "MODALITY", called_ae: str = "BRAIN3D"
-) -> None:
-    """Send ``files`` with dcmtk's storescu, the modality of the tests."""
-    result = subprocess.run(
-        ["storescu", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+@functools.cache
+def lateral_case(side: Side, seed: int = 0) -> Case:
+    """The first synthetic lesional case, from ``seed`` on, whose lesion lies on ``side``."""
+    for attempt in range(seed, seed + 200):
+        case = synthesize_case(f"e2e-{side}-{attempt}", lesional=True, seed=attempt)
+        if case.findings.side is side:
+            return case
+    raise AssertionError(f"no {side} lesion among 200 synthetic cases")
+
+
+@dataclass
+class Study:
+    truth: Findings
+    flair: list[Path]
+    t1: list[Path]
+
+    def uid(self, kind: str = "flair", keyword: str = "SeriesInstanceUID") -> str:
+        return str(pydicom.dcmread(getattr(self, kind)[0], stop_before_pixels=True)[keyword].value)
+
+
+def write_study(folder: Path, case: Case, seed: int, **flair_options: object) -> Study:
+    """A FLAIR series (count in its headers) and a T1 series of one synthetic case, one study."""
+    flair = write_series(
+        folder / "flair",
+        case.volume,
+        case.affine,
+        preset=FLAIR_2D,
+        seed=seed,
+        series_number=1,
+        **flair_options,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    study_uid = pydicom.dcmread(flair[0], stop_before_pixels=True).StudyInstanceUID
+    t1 = write_series(
+        folder / "t1",
+        case.volume,
+        case.affine,
+        preset=T1,
+        seed=seed + 1,
+        series_number=2,
+        study_uid=study_uid,
+    )
+    return Study(truth=case.findings, flair=flair, t1=t1)
 
 
 def job_of(database: Database, series_uid: str) -> Job | None:
@@ -199,9 +216,9 @@ def job_of(database: Database, series_uid: str) -> Job | None:
         return job
 
 
-def wait_for_final_job(database: Database, series_uid: str, timeout: float = 120) -> Job:
+def wait_for_final_job(database: Database, series_uid: str, timeout: float = 180) -> Job:
     def final() -> Job | None:
         job = job_of(database, series_uid)
         return job if job is not None and job.state.is_final else None
 
-    return wait_until(final, timeout, f"the job of series {series_uid} to end")  # type: ignore[return-value]
+    return wait_for(final, timeout)
