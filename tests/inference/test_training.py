@@ -1,0 +1,106 @@
+"""Training loop on the tiny preset: stage 1's batch rule and gradient, logs, best checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference import training
+from inference.configuration_brain3d import Brain3DConfig
+from inference.modeling_brain3d import Brain3D
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> training.TrainingData:
+    return training.synthetic_data(
+        12, seed=77, grid=Brain3DConfig.from_preset("tiny").input_grid, val_fraction=0.34
+    )
+
+
+def _quick(**changes) -> training.StageSettings:
+    settings = training.StageSettings(minutes=0.2, max_epochs=2, micro_batch=4, validate_every=2)
+    for key, value in changes.items():
+        setattr(settings, key, value)
+    return settings
+
+
+def test_stage_one_refuses_micro_batch_of_one(tmp_path: Path, tiny_data) -> None:
+    model = training.build_model("tiny", tiny_data, seed=0)
+    with pytest.raises(ValueError, match="micro-batch of at least 2"):
+        training.train_model_stage(model, "contrastive", tiny_data, _quick(micro_batch=1), tmp_path, 0, True)
+
+
+def test_stage_one_has_a_gradient_at_micro_batch_two(tiny_data) -> None:
+    model = training.build_model("tiny", tiny_data, seed=0)
+    model.set_trainable("contrastive")
+    batch = tiny_data.indices("train")[:2]
+    reports = [tiny_data.report_for(i, random.Random(0)) for i in batch]
+    model.contrastive_loss(tiny_data.volumes[batch], reports).backward()
+    gradient = sum(float(p.grad.abs().sum()) for p in model.projector.parameters() if p.grad is not None)
+    assert gradient > 0
+
+
+def test_pipeline_writes_logs_best_checkpoint_and_resumes(tmp_path: Path, tiny_data) -> None:
+    schedule = {stage: _quick() for stage in training.STAGES}
+    model = training.train_pipeline(
+        "tiny", list(training.STAGES), tiny_data, tmp_path, seed=3, schedule=schedule
+    )
+    for stage in training.STAGES:
+        log = json.loads((tmp_path / stage / "log.json").read_text())
+        assert log["steps"] > 0 and any("val_loss" in entry for entry in log["log"])
+        assert (tmp_path / stage / "loss.png").stat().st_size > 1000
+    contrastive = json.loads((tmp_path / "contrastive" / "log.json").read_text())
+    assert any("retrieval_accuracy" in entry for entry in contrastive["log"])
+    assert contrastive["trainable"]["encoder_blocks"] > 0  # no pretrained 2D weights in tiny
+    reloaded = Brain3D.from_pretrained(tmp_path / "final")
+    volumes = tiny_data.volumes[:2]
+    assert reloaded.generate(volumes).reports == model.eval().generate(volumes).reports
+    # Finished stages are skipped on a rerun (resume), and the run summary exists.
+    again = training.train_model_stage(reloaded, "lora", tiny_data, _quick(), tmp_path, 3, True)
+    assert again.steps == json.loads((tmp_path / "lora" / "done.json").read_text())["steps"]
+    assert json.loads((tmp_path / "training.json").read_text())["stages"][0]["stage"] == "pretrain-text"
+
+
+def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    """An exception mid-stage (a crash, Ctrl-C) leaves last.pt; the rerun continues from it."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 1)
+    inputs, targets = torch.randn(32, 3), torch.randn(32, 1)
+    seen_steps: list[int] = []
+
+    def loss(batch: list[int], rng: random.Random, crash_at: int | None = None) -> torch.Tensor:
+        seen_steps.append(len(seen_steps))
+        if crash_at is not None and len(seen_steps) > crash_at:
+            raise KeyboardInterrupt
+        return torch.nn.functional.mse_loss(module(inputs[batch]), targets[batch])
+
+    def run(crash_at: int | None) -> training.StageResult:
+        return training.run_loop(
+            "toy",
+            list(module.parameters()),
+            lambda batch, rng: loss(batch, rng, crash_at),
+            lambda: {"val_loss": float(torch.nn.functional.mse_loss(module(inputs), targets))},
+            lambda directory: directory.mkdir(parents=True, exist_ok=True),
+            list(range(32)),
+            training.StageSettings(minutes=1.0, max_epochs=3, micro_batch=4, validate_every=4),
+            tmp_path,
+            seed=0,
+            modules=[module],
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        run(crash_at=10)
+    assert (tmp_path / "toy" / "last.pt").exists()
+    saved_step = torch.load(tmp_path / "toy" / "last.pt", weights_only=False)["state"]["step"]
+    assert saved_step == 8
+    seen_steps.clear()
+    result = run(crash_at=None)
+    assert result.steps == 24  # 3 epochs of 8 steps in all
+    assert len(seen_steps) == 24 - saved_step  # only the remaining steps ran
+    assert not (tmp_path / "toy" / "last.pt").exists()
