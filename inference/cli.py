@@ -87,7 +87,7 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="A saved Brain3D checkpoint folder")],
     manifest: Annotated[Path, typer.Option(help="manifest.jsonl with reference reports")],
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, confusion PNG, samples")],
-    split: Annotated[str, typer.Option(help="manifest split to evaluate")] = "test",
+    split: Annotated[str, typer.Option(help="manifest split to evaluate, or all")] = "test",
     ablation: Annotated[bool, typer.Option(help="also train and evaluate the stage combinations")] = False,
     minutes_scale: Annotated[float, typer.Option(help="time budget scale of the ablation runs")] = 0.5,
     threads: Annotated[int, typer.Option()] = 2,

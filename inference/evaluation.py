@@ -120,13 +120,13 @@ def write_outputs(
 
 
 def evaluate_checkpoint(checkpoint: Path, manifest: Path, out_dir: Path, split: str = "test") -> dict:
-    """Evaluate ``checkpoint`` on the ``split`` entries of ``manifest`` (all when none has splits)."""
+    """Evaluate ``checkpoint`` on the ``split`` entries of ``manifest`` (``all``: every entry)."""
     from inference.dataset import load_volume, read_manifest
     from inference.modeling_brain3d import Brain3D
 
     model = Brain3D.from_pretrained(checkpoint)
     entries = read_manifest(manifest)
-    if any("split" in e for e in entries):
+    if split != "all":
         entries = [e for e in entries if e.get("split") == split]
     if not entries:
         raise ValueError(f"no {split!r} entries in {manifest}")
