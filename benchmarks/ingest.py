@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,33 +182,47 @@ def send(port: int, folders: list[Path]) -> float:
 
 
 def benchmark(work: Path, instances: int, size: int, sender_counts: list[int], repeats: int) -> None:
+    """Interleave the peers in each repeat (so they see the same machine load); print median ratios."""
     kinds = ["brain3d serve", "bare pynetdicom", "storescp --fork"]
     most = max(sender_counts)
     folders = [work / "input" / f"sender{n}" for n in range(most)]
     for n, folder in enumerate(folders):
         write_series(folder, instances, size, seed=n)
-    print(f"{instances} instances of {size}x{size} per sender; best of {repeats}; TCP_NODELAY=1")
-    print(
-        f"{'senders':>7} | " + " | ".join(f"{kind:>16}" for kind in kinds) + " | serve/bare | serve/storescp"
-    )
-    for senders in sender_counts:
-        rates = {}
-        for kind in kinds:
-            best = 0.0
-            for attempt in range(repeats):
+    print(f"{instances} instances of {size}x{size} per sender; {repeats} repeats; TCP_NODELAY=1")
+    header = " | ".join(f"{kind:>16}" for kind in kinds)
+    print(f"{'repeat':>6} | {'load':>4} | {'senders':>7} | {header} | serve/bare | serve/storescp")
+    ratios: dict[int, list[tuple[float, float]]] = {senders: [] for senders in sender_counts}
+    for attempt in range(repeats):
+        for senders in sender_counts:
+            load = os.getloadavg()[0]
+            rates = {}
+            for kind in kinds:
                 root = work / f"{kind.split()[0]}-{senders}-{attempt}"
                 with peer(kind, root) as port:
                     seconds = send(port, folders[:senders])
-                best = max(best, senders * instances / seconds)
+                rates[kind] = senders * instances / seconds
                 shutil.rmtree(root)
-            rates[kind] = best
-        serve, bare, dcmtk = (rates[kind] for kind in kinds)
-        cells = " | ".join(f"{rates[kind]:>12.0f} i/s" for kind in kinds)
-        print(f"{senders:>7} | {cells} | {serve / bare:>10.2f} | {serve / dcmtk:>14.2f}", flush=True)
+            serve, bare, dcmtk = (rates[kind] for kind in kinds)
+            ratios[senders].append((serve / bare, serve / dcmtk))
+            cells = " | ".join(f"{rates[kind]:>12.0f} i/s" for kind in kinds)
+            print(
+                f"{attempt + 1:>6} | {load:>4.1f} | {senders:>7} | {cells} | {serve / bare:>10.2f} |"
+                f" {serve / dcmtk:>14.2f}",
+                flush=True,
+            )
+    for senders, pairs in ratios.items():
+        to_bare = statistics.median(pair[0] for pair in pairs)
+        to_storescp = statistics.median(pair[1] for pair in pairs)
+        summary = f"serve/bare {to_bare:.2f}, serve/storescp {to_storescp:.2f}"
+        print(f"median of {repeats}, {senders} senders: {summary}")
 
 
-def profile(work: Path, instances: int, size: int, senders: int, top: int) -> None:
-    """Run the node in this process under yappi (CPU clock, all threads) while senders send."""
+def profile(work: Path, instances: int, size: int, senders: int, top: int, clock: str) -> None:
+    """Run the node in this process under yappi (all threads) while senders send.
+
+    Prints the top functions by own time, then the node's own functions by total time
+    (with ``--clock wall`` the latter shows where an instance waits: fsyncs, the writer).
+    """
     import logging
 
     import yappi
@@ -225,17 +240,23 @@ def profile(work: Path, instances: int, size: int, senders: int, top: int) -> No
     root.mkdir(parents=True)
     node = NodeServer(load_settings(write_node_config(root, port)))
     node.start()
-    yappi.set_clock_type("cpu")
+    yappi.set_clock_type(clock)
     yappi.start()
     seconds = send(port, folders)
     yappi.stop()
     node.stop()
-    print(f"profiled: {senders} senders x {instances} instances in {seconds:.2f} s")
+    print(f"profiled ({clock} clock): {senders} senders x {instances} instances in {seconds:.2f} s")
     stats = yappi.get_func_stats()
     stats.sort("tsub", "desc")
-    print(f"{'own CPU s':>10} {'calls':>8}  function")
-    for entry in list(stats)[:top]:
+    entries = list(stats)
+    print(f"total own time {sum(entry.tsub for entry in entries):.2f} s")
+    print(f"{'own s':>10} {'calls':>8}  function")
+    for entry in entries[:top]:
         print(f"{entry.tsub:>10.3f} {entry.ncall:>8}  {Path(entry.module).name}:{entry.lineno} {entry.name}")
+    print(f"{'total s':>10} {'calls':>8}  node function (own + callees)")
+    ours = [entry for entry in entries if f"{os.sep}dicom_node{os.sep}" in entry.module]
+    for entry in sorted(ours, key=lambda entry: entry.ttot, reverse=True)[:top]:
+        print(f"{entry.ttot:>10.3f} {entry.ncall:>8}  {Path(entry.module).name}:{entry.lineno} {entry.name}")
 
 
 def main() -> None:
@@ -245,9 +266,10 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="profile brain3d serve instead")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="yappi clock for --profile")
     parser.add_argument("--bare-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_scp:
@@ -258,7 +280,7 @@ def main() -> None:
             sys.exit(f"{tool} not found: apt-get install dcmtk")
     with tempfile.TemporaryDirectory(prefix="brain3d-ingest-") as work:
         if args.profile:
-            profile(Path(work), args.instances, args.size, max(args.senders), args.top)
+            profile(Path(work), args.instances, args.size, max(args.senders), args.top, args.clock)
         else:
             benchmark(Path(work), args.instances, args.size, args.senders, args.repeats)
 

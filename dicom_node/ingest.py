@@ -27,8 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR
+from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from sqlalchemy import Connection, bindparam, insert, select, update
@@ -58,42 +59,49 @@ ENHANCED_MR_CLASSES = frozenset(
     }
 )
 _LAST_HEADER_TAG = 0x00280008  # NumberOfFrames: every tag read here sorts at or before it
-_HEADER_TAGS: list[BaseTag | int] = [
-    Tag(keyword)
-    for keyword in (
-        "SOPClassUID",
-        "SOPInstanceUID",
-        "Modality",
-        "Manufacturer",
-        "SeriesDescription",
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "SeriesNumber",
-        "InstanceNumber",
-        "ImagesInAcquisition",
-        "InConcatenationTotalNumber",
-        "NumberOfFrames",
+# tag -> (InstanceHeaders field, how its raw value is decoded)
+_HEADER_FIELDS: dict[int, tuple[str, str]] = {
+    int(Tag(keyword)): (name, kind)
+    for keyword, name, kind in (
+        ("SOPClassUID", "sop_class_uid", "uid"),
+        ("SOPInstanceUID", "sop_instance_uid", "uid"),
+        ("Modality", "modality", "text"),
+        ("Manufacturer", "manufacturer", "text"),
+        ("SeriesDescription", "series_description", "text"),
+        ("StudyInstanceUID", "study_uid", "uid"),
+        ("SeriesInstanceUID", "series_uid", "uid"),
+        ("SeriesNumber", "series_number", "integer"),
+        ("InstanceNumber", "instance_number", "integer"),
+        ("ImagesInAcquisition", "images_in_acquisition", "integer"),
+        ("InConcatenationTotalNumber", "in_concatenation_total", "integer"),
+        ("NumberOfFrames", "number_of_frames", "integer"),
     )
-]
+}
+_SPECIFIC_CHARACTER_SET = int(Tag("SpecificCharacterSet"))
+_HEADER_TAGS: list[BaseTag | int] = [_SPECIFIC_CHARACTER_SET, *_HEADER_FIELDS]
+_TEXT_DELIMITERS = {0x5C}  # backslash, between values
 
 
 class MalformedDatasetError(ValueError):
     """A received dataset whose header cannot be read or lacks the identifying UIDs."""
 
 
-def _text(dataset: Dataset, keyword: str) -> str | None:
-    value = dataset.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value).strip()
-
-
-def _integer(dataset: Dataset, keyword: str) -> int | None:
+def _decode_integer(raw: bytes, vr: str, little_endian: bool) -> int | None:
+    """An IS (text) or US/UL (binary) value; None when empty, multi-valued or not a number."""
+    if vr in ("US", "UL"):
+        width = 2 if vr == "US" else 4
+        if len(raw) != width:
+            return None
+        return int.from_bytes(raw, "little" if little_endian else "big")
+    text = raw.decode("latin-1").strip(" \0")
     try:
-        value = dataset.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+        return int(text)
+    except ValueError:
+        try:
+            number = float(text)  # IS values such as "12.0" from some writers
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -133,49 +141,50 @@ class InstanceHeaders:
     def produced_by_node(self) -> bool:
         return is_produced_by_node(self.manufacturer, self.modality)
 
-    @classmethod
-    def from_dataset(cls, dataset: Dataset) -> InstanceHeaders:
-        study, series, sop = (
-            _text(dataset, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-        )
-        if not (study and series and sop):
-            raise MalformedDatasetError("dataset lacks Study, Series or SOP Instance UID")
-        return cls(
-            study_uid=study,
-            series_uid=series,
-            sop_instance_uid=sop,
-            sop_class_uid=_text(dataset, "SOPClassUID"),
-            modality=_text(dataset, "Modality"),
-            instance_number=_integer(dataset, "InstanceNumber"),
-            images_in_acquisition=_integer(dataset, "ImagesInAcquisition"),
-            number_of_frames=_integer(dataset, "NumberOfFrames"),
-            in_concatenation_total=_integer(dataset, "InConcatenationTotalNumber"),
-            manufacturer=_text(dataset, "Manufacturer"),
-            series_description=_text(dataset, "SeriesDescription"),
-            series_number=_integer(dataset, "SeriesNumber"),
-        )
-
 
 def read_headers(dataset_bytes: bytes, transfer_syntax: UID) -> InstanceHeaders:
-    """Parse only the elements up to NumberOfFrames of the raw dataset bytes (no pixels)."""
+    """The node's few header values, scanned from the raw dataset bytes up to NumberOfFrames.
+
+    Only the wanted elements' raw values are decoded (no pydicom Dataset is built, the
+    pixels are never reached): this runs once per received instance, on the C-STORE path.
+    """
     if transfer_syntax.is_deflated:
         try:
             dataset_bytes = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
         except zlib.error as exc:
             raise MalformedDatasetError(f"deflated dataset does not inflate: {exc}") from None
+    little_endian = transfer_syntax.is_little_endian
+    values: dict[str, str | int | None] = {}
+    encodings = ["iso8859"]
     try:
-        dataset = read_dataset(
+        for element in data_element_generator(
             io.BytesIO(dataset_bytes),
             transfer_syntax.is_implicit_VR,
-            transfer_syntax.is_little_endian,
+            little_endian,
             stop_when=lambda tag, _vr, _length: tag > _LAST_HEADER_TAG,
             specific_tags=_HEADER_TAGS,
-        )
-        return InstanceHeaders.from_dataset(dataset)
-    except MalformedDatasetError:
-        raise
+        ):
+            raw = element.value
+            if not isinstance(raw, bytes) or not raw:
+                continue
+            tag = int(element.tag)
+            if tag == _SPECIFIC_CHARACTER_SET:
+                names = [name.strip() for name in raw.decode("latin-1").split("\\")]
+                encodings = convert_encodings(names)
+                continue
+            name, kind = _HEADER_FIELDS[tag]
+            if kind == "uid":
+                values[name] = raw.decode("latin-1").rstrip("\0 ").strip() or None
+            elif kind == "text":
+                values[name] = decode_bytes(raw, encodings, _TEXT_DELIMITERS).strip() or None
+            else:
+                vr = element.VR if element.VR not in (None, "UN") else dictionary_VR(tag)
+                values[name] = _decode_integer(raw, vr, little_endian)
     except Exception as exc:  # pydicom raises many types on garbage input
         raise MalformedDatasetError(f"dataset header does not parse: {type(exc).__name__}: {exc}") from None
+    if not (values.get("study_uid") and values.get("series_uid") and values.get("sop_instance_uid")):
+        raise MalformedDatasetError("dataset lacks Study, Series or SOP Instance UID")
+    return InstanceHeaders(**values)  # type: ignore[arg-type]
 
 
 class Batch:

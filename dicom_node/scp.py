@@ -18,14 +18,13 @@ from datetime import UTC, datetime
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.audit import AuditTrail, EventID, EventTypeCode, Outcome, Participant, Role
 from dicom_node.config import NodeSettings, StorageSettings
 from dicom_node.ingest import Ingest, InstanceOutcome, MalformedDatasetError, read_headers
-from dicom_node.spool import Spool, UnsafeUIDError
+from dicom_node.spool import Spool, UnsafeUIDError, file_meta_bytes
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class
 STATUS_CANNOT_UNDERSTAND = 0xC210  # pynetdicom's "unable to decode the dataset"
 STATUS_PROCESSING_FAILURE = 0xC211
-PREAMBLE = b"\x00" * 128 + b"DICM"
 
 # Private and retired storage SOP classes forwarded by a PACS are accepted too: a
 # whole-study forward that gets one object rejected is a failed forward.
@@ -184,12 +182,6 @@ class StorageSCP:
             record = self._associations.pop(id(event.assoc), None)
         if record is None or record.association_id is None:
             return
-        try:
-            self.ingest.close_association(
-                record.association_id, record.outcome, record.stored, record.duplicate, record.failed
-            ).result()
-        except Exception:
-            log.exception("could not close association %d in SQL", record.association_id)
         if record.failed:
             outcome = (
                 Outcome.SERIOUS_FAILURE if not (record.stored or record.duplicate) else Outcome.MINOR_FAILURE
@@ -213,6 +205,13 @@ class StorageSCP:
                 "studies": studies,
             },
         )
+        # The association row is closed last: whoever sees it closed also finds its audit event.
+        try:
+            self.ingest.close_association(
+                record.association_id, record.outcome, record.stored, record.duplicate, record.failed
+            ).result()
+        except Exception:
+            log.exception("could not close association %d in SQL", record.association_id)
         log.info(
             "association %d from %s %s: %d stored, %d duplicate, %d failed",
             record.association_id,
@@ -280,7 +279,7 @@ class StorageSCP:
             )
             return STATUS_OUT_OF_RESOURCES
 
-        file_meta = PREAMBLE + encode_file_meta(event.file_meta)
+        file_meta = file_meta_bytes(sop_class, headers.sop_instance_uid, transfer_syntax)
         try:
             spooled = self.spool.store(
                 headers.study_uid, headers.series_uid, headers.sop_instance_uid, file_meta, dataset

@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
 INCOMING_DIR = ".incoming"
 PREAMBLE_AND_PREFIX = 132
 # (0002,0000) UL group length in explicit VR little endian: tag, VR, 2-byte length, 4-byte value.
@@ -39,6 +41,51 @@ def check_uid(uid: str) -> str:
     if not _SAFE_UID.match(uid) or ".." in uid:
         raise UnsafeUIDError(f"UID {uid!r} is not usable as a file name")
     return uid
+
+
+def _explicit_element(group_element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with a 2-byte length (UI, SH, UL)."""
+    return (
+        (group_element >> 16).to_bytes(2, "little")
+        + (group_element & 0xFFFF).to_bytes(2, "little")
+        + vr
+        + len(value).to_bytes(2, "little")
+        + value
+    )
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
+
+
+# (0002,0001) FileMetaInformationVersion: OB has a 4-byte length after two reserved bytes.
+_META_VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
+
+
+def file_meta_bytes(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
+    implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION,
+) -> bytes:
+    """Preamble, ``DICM`` and the file meta group, encoded directly from the request's UIDs.
+
+    The same bytes pynetdicom's ``create_file_meta`` + ``encode_file_meta`` produce, without
+    building and encoding a pydicom dataset for every received instance.
+    """
+    body = b"".join(
+        (
+            _META_VERSION,
+            _explicit_element(0x00020002, b"UI", _padded(sop_class_uid, b"\x00")),
+            _explicit_element(0x00020003, b"UI", _padded(sop_instance_uid, b"\x00")),
+            _explicit_element(0x00020010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+            _explicit_element(0x00020012, b"UI", _padded(implementation_class_uid, b"\x00")),
+            _explicit_element(0x00020013, b"SH", _padded(implementation_version, b" ")),
+        )
+    )
+    return b"\x00" * 128 + b"DICM" + _GROUP_LENGTH_ELEMENT + len(body).to_bytes(4, "little") + body
 
 
 def fsync_dir(path: Path) -> None:
