@@ -2,9 +2,9 @@
 
 Every association thread hands its SQL work to one writer thread (``GroupCommitter``)
 and waits on a future. The writer takes whatever work has queued up while it was
-committing the previous batch and commits it in one transaction, after fsyncing the
-spool folders the batch renamed files into: the C-STORE handler answers success only
-when its future resolves, i.e. when its bytes and its row are both durable. Batching
+committing the previous batch and commits it in one transaction. Instances reach it
+only once their file and its name are durable (``Spool.store``), and the C-STORE
+handler answers success only when its future resolves, i.e. when the row is durable too. Batching
 needs no artificial delay: the longer a commit takes, the more work the next one carries.
 
 Series state (receiving / complete, generation) changes only in this thread, so the
@@ -24,7 +24,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom.charset import convert_encodings, decode_bytes
@@ -38,7 +37,7 @@ from sqlalchemy.orm import Session
 from dicom_node.db.models import Association, Instance, Series, SeriesState, Study
 from dicom_node.db.session import Database
 from dicom_node.identity import is_produced_by_node
-from dicom_node.spool import SpooledInstance, fsync_dir
+from dicom_node.spool import SpooledInstance
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +192,6 @@ class Batch:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.connection: Connection = session.connection()
-        self.dirs_to_sync: set[Path] = set()
         self.staged: dict[tuple[str, str], Any] = {}
         # series id -> column values, written once per batch rather than once per instance
         self.series_updates: dict[int, dict[str, Any]] = {}
@@ -280,8 +278,6 @@ class GroupCommitter:
             batch = Batch(session)
             results = [operation(batch) for operation, _future in work]
             batch.flush_series_updates()
-            for folder in batch.dirs_to_sync:
-                fsync_dir(folder)
         batch.run_after_commit()
         self.batches_committed += 1
         self.operations_committed += len(work)
@@ -542,7 +538,6 @@ class Ingest:
                 .where(INSTANCES.c.sop_instance_uid == headers.sop_instance_uid)
                 .values(conflicting=True)
             )
-        batch.dirs_to_sync.add(spooled.path.parent)
 
         series_values = batch.series_updates.setdefault(series.id, {})
         series_values["last_received_at"] = max(

@@ -2,11 +2,12 @@
 
 An instance is written exactly as received (file meta plus the peer's dataset bytes)
 to a temporary file in ``spool/.incoming``, fsynced, then renamed into its series
-folder. The rename is made durable by fsyncing the series folder; that last step is
-left to the caller (``dirty_dirs``) so that one fsync covers every instance of a
-group commit. A SOP Instance UID already stored with the same dataset bytes is not
-written again; different bytes under the same UID are kept beside the first file
-under a content-hash suffix.
+folder, and the rename is made durable by fsyncing the series folder, all in the
+receiving association's thread: the associations' fsyncs run side by side (the file
+system merges them into shared journal commits) instead of queueing in the SQL writer,
+and a row is only ever written for a file already durable. A SOP Instance UID already
+stored with the same dataset bytes is not written again; different bytes under the
+same UID are kept beside the first file under a content-hash suffix.
 """
 
 from __future__ import annotations
@@ -171,13 +172,15 @@ class Spool:
     def store(
         self, study_uid: str, series_uid: str, sop_uid: str, file_meta: bytes, dataset: bytes
     ) -> SpooledInstance:
-        """Write one instance durably (except the final folder fsync, see ``dirty_dirs``)."""
+        """Write one instance durably: its bytes and its name are on disk when this returns."""
         folder = self.series_dir(study_uid, series_uid)
         check_uid(sop_uid)
         sha256 = hashlib.sha256(dataset).hexdigest()
         size = len(file_meta) + len(dataset)
         target, present = self._existing_match(folder, sop_uid, sha256)
         if present:
+            # Another association may have renamed it a moment ago and not fsynced the folder yet.
+            fsync_dir(folder)
             return SpooledInstance(target, size, sha256, written=False)
 
         temporary = self.incoming / f"{uuid.uuid4().hex}.part"
@@ -190,10 +193,11 @@ class Spool:
             target, present = self._existing_match(folder, sop_uid, sha256)
             if present:
                 temporary.unlink()
-                return SpooledInstance(target, size, sha256, written=False)
-            self._make_series_dir(folder)
-            os.replace(temporary, target)
-        return SpooledInstance(target, size, sha256, written=True)
+            else:
+                self._make_series_dir(folder)
+                os.replace(temporary, target)
+        fsync_dir(folder)
+        return SpooledInstance(target, size, sha256, written=not present)
 
     def remove_series(self, study_uid: str, series_uid: str, idle_seconds: float) -> bool:
         """Delete a series folder untouched for ``idle_seconds``; False if it was written since.
