@@ -52,6 +52,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from pacs import Orthanc, free_port  # noqa: E402 - tests/ is put on sys.path just above
 from sqlalchemy import create_engine, select, text  # noqa: E402
 
+from dicom_node.config import CompletionSettings  # noqa: E402
 from dicom_node.db import Database, Job, JobState, Series  # noqa: E402
 from dicom_node.db.models import AuditEvent, StructuredReport  # noqa: E402
 from dicom_node.ingest import as_utc  # noqa: E402
@@ -232,10 +233,15 @@ def node_environment(
         "BRAIN3D_MODEL__PATH": str(arguments.model),
         "BRAIN3D_MODEL__DEVICE": "cpu",
         "BRAIN3D_COMPLETION__STABLE_SECONDS": str(arguments.stable_seconds),
-        "OMP_NUM_THREADS": str(arguments.threads),
         "TCP_NODELAY": "1",
     }
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("BRAIN3D_")}
+    if arguments.threads is not None:
+        values["OMP_NUM_THREADS"] = str(arguments.threads)
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("BRAIN3D_") and key != "OMP_NUM_THREADS"
+    }
     return {**environment, **values}
 
 
@@ -435,10 +441,16 @@ def markdown(results: list[RunResult], arguments: argparse.Namespace, command: s
     """The section for docs/benchmarks.md: one table per configuration, both variants side by side."""
     lines = [
         f"`{command}`: {platform.machine()}, {os.cpu_count()} cores, CPU only, "
-        f"OMP_NUM_THREADS={arguments.threads}, model `{arguments.model}`, {arguments.runs} runs per "
-        f"variant after one warm-up, shipped settings (polling interval, heartbeats) except "
-        f"`completion.stable_seconds` = {arguments.stable_seconds:g} s (the default). "
-        "Seconds after the node stored the last instance (`jobs.last_instance_received_at`); "
+        + (
+            f"OMP_NUM_THREADS={arguments.threads}"
+            if arguments.threads
+            else "OMP_NUM_THREADS unset (as shipped: torch takes one thread per core)"
+        )
+        + f", model `{arguments.model}`, {arguments.runs} runs per "
+        f"variant after one warm-up, shipped settings (transport polling, completion check, heartbeats), "
+        f"`completion.stable_seconds` = {arguments.stable_seconds:g} s"
+        + (" (the default). " if arguments.stable_seconds == CompletionSettings().stable_seconds else ". ")
+        + "Seconds after the node stored the last instance (`jobs.last_instance_received_at`); "
         "p95 by linear interpolation.",
         "",
     ]
@@ -514,7 +526,11 @@ def main() -> None:
         default=10.0,
         help="completion.stable_seconds for the node (shipped default 10 s).",
     )
-    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the node and worker.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS of the node and worker; unset by default, as shipped (torch: one per core).",
+    )
     parser.add_argument("--redis-db", type=int, default=15, help="An empty Redis DB index, flushed after.")
     parser.add_argument("--poll-s", type=float, default=0.05, help="Orthanc REST poll interval.")
     parser.add_argument("--seed", type=int, default=11)
