@@ -32,7 +32,6 @@ from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from sqlalchemy import Connection, bindparam, insert, select, update
-from sqlalchemy.orm import Session
 
 from dicom_node.db.models import Association, Instance, Series, SeriesState, Study
 from dicom_node.db.session import Database
@@ -47,6 +46,11 @@ SERIES = Series.__table__
 # Built once, so that each instance only binds parameters to an already compiled statement.
 _HASHES_OF_UID = select(INSTANCES.c.sha256).where(INSTANCES.c.sop_instance_uid == bindparam("uid"))
 _INSERT_INSTANCE = insert(INSTANCES)
+_TOUCH_SERIES = (
+    update(SERIES)
+    .where(SERIES.c.id == bindparam("series_id"))
+    .values(last_received_at=bindparam("last_received_at"))
+)
 
 T = TypeVar("T")
 
@@ -187,19 +191,25 @@ def read_headers(dataset_bytes: bytes, transfer_syntax: UID) -> InstanceHeaders:
 
 
 class Batch:
-    """One transaction of the writer: its session, the folders to fsync, staged cache entries."""
+    """One transaction of the writer: its connection, staged cache entries, after-commit work."""
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.connection: Connection = session.connection()
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
         self.staged: dict[tuple[str, str], Any] = {}
         # series id -> column values, written once per batch rather than once per instance
         self.series_updates: dict[int, dict[str, Any]] = {}
         self._after_commit: list[Callable[[], None]] = []
 
     def flush_series_updates(self) -> None:
+        """One UPDATE per series; the usual case (only the time moved) is one prebuilt executemany."""
+        times_only = []
         for series_id, values in self.series_updates.items():
-            self.connection.execute(update(SERIES).where(SERIES.c.id == series_id).values(**values))
+            if values.keys() == {"last_received_at"}:
+                times_only.append({"series_id": series_id, "last_received_at": values["last_received_at"]})
+            else:
+                self.connection.execute(update(SERIES).where(SERIES.c.id == series_id).values(**values))
+        if times_only:
+            self.connection.execute(_TOUCH_SERIES, times_only)
         self.series_updates.clear()
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -274,8 +284,8 @@ class GroupCommitter:
             future.set_result(result)
 
     def _execute(self, work: list[tuple[Operation, Future[Any]]]) -> list[Any]:
-        with self._database.session() as session:
-            batch = Batch(session)
+        with self._database.engine.begin() as connection:
+            batch = Batch(connection)
             results = [operation(batch) for operation, _future in work]
             batch.flush_series_updates()
         batch.run_after_commit()
@@ -343,22 +353,28 @@ class Ingest:
             return staged
         cached = self._series.get(series_uid)
         if cached is None:
-            row = batch.session.execute(
-                select(Series, Study.study_instance_uid)
+            row = batch.connection.execute(
+                select(
+                    Series.id,
+                    Study.study_instance_uid,
+                    Series.state,
+                    Series.generation,
+                    Series.expected_instances,
+                    Series.produced_by_node,
+                )
                 .join(Study, Series.study_id == Study.id)
                 .where(Series.series_instance_uid == series_uid)
             ).first()
             if row is None:
                 return None
-            series, study_uid = row
             cached = SeriesRecord(
-                id=series.id,
+                id=row.id,
                 series_uid=series_uid,
-                study_uid=study_uid,
-                state=SeriesState(series.state),
-                generation=series.generation,
-                expected_instances=series.expected_instances,
-                produced_by_node=series.produced_by_node,
+                study_uid=row.study_instance_uid,
+                state=SeriesState(row.state),
+                generation=row.generation,
+                expected_instances=row.expected_instances,
+                produced_by_node=row.produced_by_node,
             )
         record = dataclasses.replace(cached)
         self.stage_series(batch, record)
@@ -374,7 +390,7 @@ class Ingest:
 
     def open_association(self, calling_ae: str, called_ae: str, address: str, port: int) -> Future[int]:
         def operation(batch: Batch) -> int:
-            return batch.session.execute(
+            return batch.connection.execute(
                 insert(Association)
                 .values(
                     calling_ae=calling_ae[:16],
@@ -393,7 +409,7 @@ class Ingest:
         self, association_id: int, outcome: str, stored: int, duplicate: int, failed: int
     ) -> Future[None]:
         def operation(batch: Batch) -> None:
-            batch.session.execute(
+            batch.connection.execute(
                 update(Association)
                 .where(Association.id == association_id)
                 .values(
@@ -412,7 +428,7 @@ class Ingest:
     ) -> Future[int]:
         def operation(batch: Batch) -> int:
             now = datetime.now(UTC)
-            return batch.session.execute(
+            return batch.connection.execute(
                 insert(Association)
                 .values(
                     calling_ae=calling_ae[:16],
@@ -450,12 +466,12 @@ class Ingest:
         key = ("study", study_uid)
         study_id = batch.staged.get(key) or self._study_ids.get(study_uid)
         if study_id is None:
-            session = batch.session
-            study_id = session.execute(
+            connection = batch.connection
+            study_id = connection.execute(
                 select(Study.id).where(Study.study_instance_uid == study_uid)
             ).scalar_one_or_none()
             if study_id is None:
-                study_id = session.execute(
+                study_id = connection.execute(
                     insert(Study)
                     .values(study_instance_uid=study_uid, first_received_at=received_at)
                     .returning(Study.id)
@@ -471,7 +487,7 @@ class Ingest:
         if record is not None:
             return record
         study_id = self._study_id(batch, headers.study_uid, received_at)
-        series_id = batch.session.execute(
+        series_id = batch.connection.execute(
             insert(Series)
             .values(
                 series_instance_uid=headers.series_uid,
