@@ -13,12 +13,12 @@ same UID are kept beside the first file under a content-hash suffix.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ PREAMBLE_AND_PREFIX = 132
 # (0002,0000) UL group length in explicit VR little endian: tag, VR, 2-byte length, 4-byte value.
 _GROUP_LENGTH_ELEMENT = b"\x02\x00\x00\x00UL\x04\x00"
 _LOCK_STRIPES = 64
+FREE_BYTES_REFRESH_SECONDS = 0.5
 # Lenient on purpose (some scanners emit non-conformant UIDs) but safe as a path component.
 _SAFE_UID = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,63}$")
 
@@ -89,6 +90,19 @@ def file_meta_bytes(
     return b"\x00" * 128 + b"DICM" + _GROUP_LENGTH_ELEMENT + len(body).to_bytes(4, "little") + body
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data`` and fsync it, in as few system calls as possible
+    (each one releases and re-takes the GIL, which costs most under concurrent associations)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make the entries of folder ``path`` (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -130,6 +144,13 @@ class Spool:
         self.incoming = self.root / INCOMING_DIR
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        # Series folders known to exist (created or seen here; remove_series forgets them).
+        self._known_dirs: set[Path] = set()
+        self._temporary_names = itertools.count()
+        self._free_lock = threading.Lock()
+        self._free_measured_at = -FREE_BYTES_REFRESH_SECONDS
+        self._free_measured = 0
+        self._stored_since_measure = 0
 
     def clear_incoming(self) -> int:
         """Remove temporary files a killed process left behind; they were never acknowledged."""
@@ -143,26 +164,40 @@ class Spool:
         return self.root / check_uid(study_uid) / check_uid(series_uid)
 
     def free_bytes(self) -> int:
-        stats = os.statvfs(self.root)
-        return stats.f_bavail * stats.f_frsize
+        """Free disk space for the spool: measured at most every FREE_BYTES_REFRESH_SECONDS,
+        less what this spool stored since, so that the per-instance check costs no syscall."""
+        with self._free_lock:
+            now = time.monotonic()
+            if now - self._free_measured_at >= FREE_BYTES_REFRESH_SECONDS:
+                stats = os.statvfs(self.root)
+                self._free_measured = stats.f_bavail * stats.f_frsize
+                self._free_measured_at = now
+                self._stored_since_measure = 0
+            return self._free_measured - self._stored_since_measure
+
+    def _count_stored(self, size: int) -> None:
+        with self._free_lock:
+            self._stored_since_measure += size
 
     def _lock(self, series_uid: str) -> threading.Lock:
         return self._locks[hash(series_uid) % _LOCK_STRIPES]
 
     def _make_series_dir(self, folder: Path) -> None:
         """Create the series folder and make its (possibly new) parents' entries durable."""
-        if folder.is_dir():
+        if folder in self._known_dirs:
             return
-        study_existed = folder.parent.is_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        fsync_dir(folder.parent)
-        if not study_existed:
-            fsync_dir(self.root)
+        if not folder.is_dir():
+            study_existed = folder.parent.is_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)
+            if not study_existed:
+                fsync_dir(self.root)
+        self._known_dirs.add(folder)
 
     def _existing_match(self, folder: Path, sop_uid: str, sha256: str) -> tuple[Path, bool]:
         """The path these bytes belong at, and whether identical bytes are already there."""
         primary = folder / f"{sop_uid}.dcm"
-        if not primary.exists():
+        if not os.path.exists(primary):
             return primary, False
         if dataset_sha256_of_file(primary) == sha256:
             return primary, True
@@ -183,20 +218,24 @@ class Spool:
             fsync_dir(folder)
             return SpooledInstance(target, size, sha256, written=False)
 
-        temporary = self.incoming / f"{uuid.uuid4().hex}.part"
-        with open(temporary, "wb", buffering=0) as handle:
-            handle.write(file_meta)
-            handle.write(dataset)
-            os.fsync(handle.fileno())
+        temporary = self.incoming / f"{os.getpid()}-{next(self._temporary_names)}.part"
+        _write_durably(temporary, file_meta + dataset)
         with self._lock(series_uid):
             # Re-check under the lock: another association may have stored the same UID meanwhile.
             target, present = self._existing_match(folder, sop_uid, sha256)
             if present:
-                temporary.unlink()
+                os.unlink(temporary)
             else:
                 self._make_series_dir(folder)
-                os.replace(temporary, target)
+                try:
+                    os.replace(temporary, target)
+                except FileNotFoundError:  # the folder was removed behind this process's back
+                    self._known_dirs.discard(folder)
+                    self._make_series_dir(folder)
+                    os.replace(temporary, target)
         fsync_dir(folder)
+        if not present:
+            self._count_stored(size)
         return SpooledInstance(target, size, sha256, written=not present)
 
     def remove_series(self, study_uid: str, series_uid: str, idle_seconds: float) -> bool:
@@ -213,6 +252,7 @@ class Spool:
             if time.time() - folder.stat().st_mtime < idle_seconds:
                 return False
             shutil.rmtree(folder)
+            self._known_dirs.discard(folder)
             fsync_dir(folder.parent)
             try:
                 folder.parent.rmdir()  # the study folder, once its last series is gone
