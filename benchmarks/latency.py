@@ -18,6 +18,7 @@ own Orthanc, database and broker. Milestones are read from the job row (``jobs``
 (polled every ``--poll-s``), checked against Orthanc's own ReceptionDate (1 s resolution).
 
     python benchmarks/latency.py                       # demo checkpoint, both configurations
+    python benchmarks/latency.py --random-demo-model --threads 1  # demo preset, random weights
     python benchmarks/latency.py --model /tmp/tiny --runs 3 --configs embedded
 """
 
@@ -47,7 +48,7 @@ import numpy as np
 import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "inference")]
 
 from pacs import Orthanc, free_port  # noqa: E402 - tests/ is put on sys.path just above
 from sqlalchemy import create_engine, select, text  # noqa: E402
@@ -446,7 +447,9 @@ def markdown(results: list[RunResult], arguments: argparse.Namespace, command: s
             if arguments.threads
             else "OMP_NUM_THREADS unset (as shipped: torch takes one thread per core)"
         )
-        + f", model `{arguments.model}`, {arguments.runs} runs per "
+        + ", model "
+        + ("`demo` preset, random weights" if arguments.random_demo_model else f"`{arguments.model}`")
+        + f", {arguments.runs} runs per "
         f"variant after one warm-up, shipped settings (transport polling, completion check, heartbeats), "
         f"`completion.stable_seconds` = {arguments.stable_seconds:g} s"
         + (" (the default). " if arguments.stable_seconds == CompletionSettings().stable_seconds else ". ")
@@ -510,11 +513,36 @@ def markdown(results: list[RunResult], arguments: argparse.Namespace, command: s
     return "\n".join(lines)
 
 
+def random_demo_model(folder: Path) -> Path:
+    """The ``demo`` preset with random weights: the demo checkpoint's compute, when it is absent.
+
+    Random weights rarely emit the end token, so each report decodes up to ``model.max_new_tokens``
+    tokens: an upper bound of the trained checkpoint's decode time.
+    """
+    import torch
+    from model_fixtures import report_corpus
+
+    from inference.configuration_brain3d import Brain3DConfig
+    from inference.modeling_brain3d import Brain3D
+    from inference.tokenization import train_report_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_report_tokenizer([*report_corpus(), Brain3DConfig.instruction], vocab_size=1024)
+    Brain3D(Brain3DConfig.from_preset("demo", vocab_size=1024), tokenizer).eval().save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, default=DEMO_CHECKPOINT, help="Brain3D checkpoint folder.")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", type=Path, default=DEMO_CHECKPOINT, help="Brain3D checkpoint folder.")
+    model.add_argument(
+        "--random-demo-model",
+        action="store_true",
+        help="Time the demo preset with random weights instead (built in a temporary folder).",
+    )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument(
         "--configs", nargs="+", choices=["embedded", "postgres-redis"], default=["embedded", "postgres-redis"]
@@ -537,12 +565,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write every run's figures here.")
     parser.add_argument("--logs", type=Path, help="Keep the node's and worker's logs in this folder.")
     arguments = parser.parse_args()
-    if not (arguments.model / "config.json").is_file():
-        parser.error(f"--model {arguments.model} holds no checkpoint (config.json missing)")
     command = "python benchmarks/latency.py " + " ".join(sys.argv[1:])
     load_before = os.getloadavg()
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="brain3d-latency-series-") as folder:
+        if arguments.random_demo_model:
+            arguments.model = random_demo_model(Path(folder) / "random-demo-model")
+        if not (arguments.model / "config.json").is_file():
+            parser.error(f"--model {arguments.model} holds no checkpoint (config.json missing)")
         prepared = prepare_series(Path(folder), arguments.runs, arguments.seed)
         for configuration in arguments.configs:
             results += run_configuration(configuration, prepared, arguments)
