@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 
@@ -260,6 +260,12 @@ def parse(text: str) -> Findings:
         midline_shift="midline_shift" in terms,
         size=sizes[0] if sizes else None,
     )
+
+
+def mirrored(findings: Findings) -> Findings:
+    """The findings of the patient's mirror image: left and right swap, nothing else changes."""
+    swap = {Side.LEFT: Side.RIGHT, Side.RIGHT: Side.LEFT}
+    return replace(findings, side=swap.get(findings.side, findings.side))
 
 
 def findings_to_dict(findings: Findings) -> dict[str, object]:

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from inference.report_schema import NORMAL_SENTENCES, Findings, parse, render
+from inference.convention import LEFT_RIGHT_AXIS
+from inference.report_schema import NORMAL_SENTENCES, Findings, mirrored, parse, render
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,22 @@ class TrainingData:
     reports: list[str]
     splits: list[str]
     rerender: bool = True  # synthetic reports come from findings: fresh wording each time
+
+    def batch(
+        self, batch: list[int], rng: random.Random, device: torch.device, mirror: bool = False
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Volumes and reports of ``batch``; with ``mirror`` (synthetic data only) each case is
+        left-right mirrored with probability 1/2, its side swapped in the re-rendered report:
+        mirrored twins differ only in side, which makes laterality the thing to learn."""
+        volumes = self.volumes[batch].to(device)
+        reports = []
+        for position, index in enumerate(batch):
+            if mirror and self.rerender and rng.random() < 0.5:
+                volumes[position] = volumes[position].flip(LEFT_RIGHT_AXIS)
+                reports.append(render(mirrored(self.findings[index]), rng))
+            else:
+                reports.append(self.report_for(index, rng))
+        return volumes, reports
 
     def indices(self, split: str) -> list[int]:
         return [i for i, s in enumerate(self.splits) if s == split]
@@ -328,6 +345,32 @@ def _volumes(data: TrainingData, batch: list[int], device: torch.device) -> torc
     return data.volumes[batch].to(device)
 
 
+def _mirror_augmented(
+    data: TrainingData, batch: list[int], device: torch.device, rng: random.Random
+) -> tuple[torch.Tensor, list[str]]:
+    """The batch's volumes and reports, each study mirrored left-right with probability 1/2.
+
+    A mirrored volume gets the mirrored findings' report (left and right swapped): the same
+    anatomy then comes with both sides, so only the image can tell the model which side to write.
+    Reports that are not rendered from findings (real data) are left unmirrored.
+    """
+    volumes = _volumes(data, batch, device)
+    if not data.rerender:
+        return volumes, [data.report_for(i, rng) for i in batch]
+    flips = [rng.random() < 0.5 for _ in batch]
+    volumes = torch.stack(
+        [
+            volume.flip(LEFT_RIGHT_AXIS) if flip else volume
+            for volume, flip in zip(volumes, flips, strict=True)
+        ]
+    )
+    reports = [
+        render(mirrored(data.findings[i]) if flip else data.findings[i], rng)
+        for i, flip in zip(batch, flips, strict=True)
+    ]
+    return volumes, reports
+
+
 def _validation_batches(data: TrainingData, size: int) -> list[list[int]]:
     indices = data.indices("val")
     return [
@@ -510,17 +553,18 @@ def train_model_stage(
     device = model.device
 
     def loss_of(batch: list[int], rng: random.Random) -> torch.Tensor:
-        reports = [data.report_for(i, rng) for i in batch]
+        volumes, reports = _mirror_augmented(data, batch, device, rng)
         with _autocast(device):
             if stage == "contrastive":
-                return model.contrastive_loss(_volumes(data, batch, device), reports)
-            return model.language_modeling_loss(_volumes(data, batch, device), reports)
+                return model.contrastive_loss(volumes, reports)
+            return model.language_modeling_loss(volumes, reports)
 
     val_batches = _validation_batches(data, max(settings.micro_batch, 2))
 
     def validate() -> dict[str, float]:
         val_rng = random.Random(seed + 3)
-        metrics = {"val_loss": float(np.mean([float(loss_of(b, val_rng)) for b in val_batches]))}
+        losses = [float(loss_of(b, val_rng, mirror=False)) for b in val_batches]
+        metrics = {"val_loss": float(np.mean(losses))}
         if stage == "contrastive":
             metrics["retrieval_accuracy"] = _findings_retrieval_accuracy(model, data, val_batches, val_rng)
         return metrics

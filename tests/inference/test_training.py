@@ -104,3 +104,25 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path) -> N
     assert result.steps == 24  # 3 epochs of 8 steps in all
     assert len(seen_steps) == 24 - saved_step  # only the remaining steps ran
     assert not (tmp_path / "toy" / "last.pt").exists()
+
+
+def test_mirror_augmentation_flips_the_volume_and_swaps_the_side(tiny_data) -> None:
+    from inference.report_schema import Side, parse
+
+    sided = [
+        i for i in range(len(tiny_data.findings)) if tiny_data.findings[i].side in (Side.LEFT, Side.RIGHT)
+    ]
+    flipped_seen = kept_seen = False
+    for seed in range(20):
+        volumes, reports = tiny_data.batch(sided, random.Random(seed), torch.device("cpu"), mirror=True)
+        for position, index in enumerate(sided):
+            original = tiny_data.volumes[index]
+            if torch.equal(volumes[position], original):
+                assert parse(reports[position]).side is tiny_data.findings[index].side
+                kept_seen = True
+            else:
+                assert torch.equal(volumes[position], original.flip(-1))
+                assert parse(reports[position]).side is not tiny_data.findings[index].side
+                assert parse(reports[position]).lobes == tiny_data.findings[index].lobes
+                flipped_seen = True
+    assert flipped_seen and kept_seen
