@@ -1,18 +1,20 @@
 """Recording received instances in SQL with group commits across associations.
 
-Every association thread hands its SQL work to one writer thread (``GroupCommitter``)
-and waits on a future. The writer takes whatever work has queued up while it was
-committing the previous batch and commits it in one transaction. Instances reach it
-only once their file and its name are durable (``Spool.store``), and the C-STORE
-handler answers success only when its future resolves, i.e. when the row is durable too. Batching
-needs no artificial delay: the longer a commit takes, the more work the next one carries.
+Every SQL change of the node goes through one ``GroupCommitter``: one transaction at a
+time, committed inline by the association that finds none running, otherwise batched
+with everything else that queued up meanwhile and committed by the writer thread.
+Batching needs no artificial delay: the longer a commit takes, the more work the next
+one carries. Instances reach it only once their file and its name are durable
+(``Spool.store``), and the C-STORE handler answers success only when its future
+resolves, i.e. when the row is durable too.
 
-Series state (receiving / complete, generation) changes only in this thread, so the
-in-memory view of it kept here is authoritative for the process.
+Series state (receiving / complete, generation) changes only inside these serialised
+transactions, so the in-memory view of it kept here is authoritative for the process.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import io
@@ -227,46 +229,74 @@ Operation = Callable[[Batch], Any]
 
 
 class GroupCommitter:
-    """A single writer thread committing queued operations in shared transactions."""
+    """Commits submitted operations in shared transactions, one transaction at a time.
+
+    A submission that finds no transaction running commits at once in the submitting
+    thread: no hand-off, as every thread switch is a round trip through the GIL, which is
+    what costs most with several associations on few cores. Whatever is submitted while a
+    transaction runs queues up and is committed as the next batch by the writer thread.
+    """
 
     def __init__(self, database: Database, *, max_batch: int = 512, name: str = "sql-writer") -> None:
         self._database = database
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Operation, Future[Any]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending: collections.deque[tuple[Operation, Future[Any]]] = collections.deque()
+        self._busy = False  # a transaction is running; invariant: not busy => nothing pending
+        self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()  # True: drain, False: stop
+        self._writer_running = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.batches_committed = 0
         self.operations_committed = 0
 
     def start(self) -> None:
+        with self._lock:
+            self._writer_running = True
         self._thread.start()
 
     def submit(self, operation: Callable[[Batch], T]) -> Future[T]:
         future: Future[T] = Future()
-        self._queue.put((operation, future))
+        with self._lock:
+            self._pending.append((operation, future))
+            if self._busy:
+                return future  # the running committer takes it into the next batch
+            self._busy = True
+        self._commit(self._take())
+        self._release_or_hand_over()
         return future
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Commit what is queued, then end the thread."""
-        self._queue.put(None)
+        """Commit what is queued, then end the writer thread (later submissions commit inline)."""
+        with self._lock:
+            self._writer_running = False
+        self._wake.put(False)
         self._thread.join(timeout)
 
+    def _take(self) -> list[tuple[Operation, Future[Any]]]:
+        with self._lock:
+            count = min(len(self._pending), self._max_batch)
+            return [self._pending.popleft() for _ in range(count)]
+
+    def _release_or_hand_over(self) -> None:
+        """After an inline commit: what queued meanwhile goes to the writer thread (if running)."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._busy = False
+                    return
+                if self._writer_running:
+                    break
+            self._commit(self._take())
+        self._wake.put(True)
+
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            work = [first]
-            while len(work) < self._max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                work.append(item)
-            self._commit(work)
+        while self._wake.get():
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        self._busy = False
+                        break
+                self._commit(self._take())
 
     def _commit(self, work: list[tuple[Operation, Future[Any]]]) -> None:
         try:
@@ -302,7 +332,7 @@ class InstanceOutcome(enum.StrEnum):
 
 @dataclass
 class SeriesRecord:
-    """The writer's view of one series row (mutated only in the writer thread)."""
+    """The committer's view of one series row (mutated only inside its serialised transactions)."""
 
     id: int
     series_uid: str
@@ -341,10 +371,10 @@ class Ingest:
         self.committer.stop()
 
     def add_listener(self, listener: Callable[[InstanceRecorded], None]) -> None:
-        """Called in the writer thread after each commit; must be quick."""
+        """Called after each commit by the committing thread, before the next transaction; be quick."""
         self._listeners.append(listener)
 
-    # -- series state shared with the completeness tracker (writer thread only) ------------
+    # -- series state shared with the completeness tracker (inside transactions only) -----
 
     def series_record(self, batch: Batch, series_uid: str) -> SeriesRecord | None:
         """The series as this transaction sees it; mutate it, then ``stage_series``."""
