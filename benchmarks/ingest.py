@@ -132,9 +132,15 @@ stable_seconds = 30
     return config
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def peer(kind: str, root: Path) -> Iterator[int]:
-    """Start one receiver in a fresh folder; yield its port; stop it by its process id."""
+def peer(kind: str, root: Path) -> Iterator[tuple[int, int]]:
+    """Start one receiver in a fresh folder; yield its port and process id; stop it by that id."""
     root.mkdir(parents=True)
     port = free_port()
     if kind == "brain3d serve":
@@ -151,7 +157,7 @@ def peer(kind: str, root: Path) -> Iterator[int]:
         if kind == "brain3d serve":
             while b"node ready" not in (root / "peer.log").read_bytes():
                 time.sleep(0.05)
-        yield port
+        yield port, process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -190,24 +196,31 @@ def benchmark(work: Path, instances: int, size: int, sender_counts: list[int], r
         write_series(folder, instances, size, seed=n)
     print(f"{instances} instances of {size}x{size} per sender; {repeats} repeats; TCP_NODELAY=1")
     header = " | ".join(f"{kind:>16}" for kind in kinds)
-    print(f"{'repeat':>6} | {'load':>4} | {'senders':>7} | {header} | serve/bare | serve/storescp")
+    print(
+        f"{'repeat':>6} | {'load':>4} | {'senders':>7} | {header} | serve/bare | serve/storescp"
+        " | CPU ms/instance serve / bare"
+    )
     ratios: dict[int, list[tuple[float, float]]] = {senders: [] for senders in sender_counts}
     for attempt in range(repeats):
         for senders in sender_counts:
             load = os.getloadavg()[0]
-            rates = {}
+            rates, cpu_ms = {}, {}
             for kind in kinds:
                 root = work / f"{kind.split()[0]}-{senders}-{attempt}"
-                with peer(kind, root) as port:
+                with peer(kind, root) as (port, pid):
+                    cpu_before = cpu_seconds(pid)
                     seconds = send(port, folders[:senders])
+                    # storescp --fork works in forked children: its own CPU says nothing
+                    cpu_ms[kind] = 1e3 * (cpu_seconds(pid) - cpu_before) / (senders * instances)
                 rates[kind] = senders * instances / seconds
                 shutil.rmtree(root)
             serve, bare, dcmtk = (rates[kind] for kind in kinds)
             ratios[senders].append((serve / bare, serve / dcmtk))
             cells = " | ".join(f"{rates[kind]:>12.0f} i/s" for kind in kinds)
+            cpu = f"{cpu_ms['brain3d serve']:.2f} / {cpu_ms['bare pynetdicom']:.2f}"
             print(
                 f"{attempt + 1:>6} | {load:>4.1f} | {senders:>7} | {cells} | {serve / bare:>10.2f} |"
-                f" {serve / dcmtk:>14.2f}",
+                f" {serve / dcmtk:>14.2f} | {cpu:>13}",
                 flush=True,
             )
     for senders, pairs in ratios.items():
