@@ -345,32 +345,6 @@ def _volumes(data: TrainingData, batch: list[int], device: torch.device) -> torc
     return data.volumes[batch].to(device)
 
 
-def _mirror_augmented(
-    data: TrainingData, batch: list[int], device: torch.device, rng: random.Random
-) -> tuple[torch.Tensor, list[str]]:
-    """The batch's volumes and reports, each study mirrored left-right with probability 1/2.
-
-    A mirrored volume gets the mirrored findings' report (left and right swapped): the same
-    anatomy then comes with both sides, so only the image can tell the model which side to write.
-    Reports that are not rendered from findings (real data) are left unmirrored.
-    """
-    volumes = _volumes(data, batch, device)
-    if not data.rerender:
-        return volumes, [data.report_for(i, rng) for i in batch]
-    flips = [rng.random() < 0.5 for _ in batch]
-    volumes = torch.stack(
-        [
-            volume.flip(LEFT_RIGHT_AXIS) if flip else volume
-            for volume, flip in zip(volumes, flips, strict=True)
-        ]
-    )
-    reports = [
-        render(mirrored(data.findings[i]) if flip else data.findings[i], rng)
-        for i, flip in zip(batch, flips, strict=True)
-    ]
-    return volumes, reports
-
-
 def _validation_batches(data: TrainingData, size: int) -> list[list[int]]:
     indices = data.indices("val")
     return [
@@ -552,8 +526,8 @@ def train_model_stage(
     print(f"stage {stage}: trains {counts}")
     device = model.device
 
-    def loss_of(batch: list[int], rng: random.Random) -> torch.Tensor:
-        volumes, reports = _mirror_augmented(data, batch, device, rng)
+    def loss_of(batch: list[int], rng: random.Random, mirror: bool = True) -> torch.Tensor:
+        volumes, reports = data.batch(batch, rng, device, mirror=mirror)
         with _autocast(device):
             if stage == "contrastive":
                 return model.contrastive_loss(volumes, reports)
