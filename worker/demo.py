@@ -266,9 +266,9 @@ def print_result(result: DemoResult, echo: Callable[[str], None] = print) -> Non
     )
     coded = _describe(read_coded_findings(measurement)) if measurement is not None else {}
     truth = _describe(result.truth)
-    echo("\nfinding                  coded in the SR          synthetic truth")
-    for key in truth.keys() | coded.keys():
-        echo(f"  {key:<23}{coded.get(key, '-'):<25}{truth.get(key, '-')}")
+    echo(f"\n  {'finding':<26}{'coded in the SR':<25}synthetic truth")
+    for key in dict.fromkeys([*truth, *coded]):
+        echo(f"  {key:<26}{coded.get(key, '-'):<25}{truth.get(key, '-')}")
     for path in result.report_files:
         dataset = pydicom.dcmread(path)
         if dataset.SOPClassUID == ComprehensiveSRStorage:
