@@ -267,9 +267,9 @@ class GroupCommitter:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Commit what is queued, then end the writer thread (later submissions commit inline)."""
-        with self._lock:
+        with self._lock:  # ordered against hand-overs: none can follow the stop signal
             self._writer_running = False
-        self._wake.put(False)
+            self._wake.put(False)
         self._thread.join(timeout)
 
     def _take(self) -> list[tuple[Operation, Future[Any]]]:
@@ -285,9 +285,9 @@ class GroupCommitter:
                     self._busy = False
                     return
                 if self._writer_running:
-                    break
+                    self._wake.put(True)
+                    return
             self._commit(self._take())
-        self._wake.put(True)
 
     def _run(self) -> None:
         while self._wake.get():
