@@ -1,12 +1,14 @@
 """Ingest throughput: ``brain3d serve`` (SQL on) against a bare pynetdicom handler and ``storescp --fork``.
 
-Each run sends the same generated 256x256 MR series (its own copy, with its own UIDs,
-per sender) with 1 and then N concurrent dcmtk ``storescu`` senders, and reports
-instances per second received and the ratios to both peers. Every peer and sender
+Each repeat sends the same generated 256x256 MR series (its own copy, with its own UIDs,
+per sender) with 1 and then N concurrent dcmtk ``storescu`` senders to each peer in turn,
+so that the peers of one repeat see the same machine load, and reports instances per
+second received, the ratios to both peers, the CPU milliseconds per instance of serve and
+the bare handler, and finally the median ratios of the repeats. Every peer and sender
 gets ``TCP_NODELAY=1``: Debian's dcmtk stalls about 40 ms per instance without it.
 
-    python benchmarks/ingest.py --instances 300 --senders 1 4
-    python benchmarks/ingest.py --profile      # where brain3d serve's time goes (yappi)
+    python benchmarks/ingest.py --instances 300 --senders 1 4 --repeats 3
+    python benchmarks/ingest.py --profile [--clock wall]   # where serve's time goes (yappi)
 
 The bare handler is the reference the issue sets: it writes file meta plus the raw
 received bytes and fsyncs, nothing else (no rename, no SQL, no duplicate checks).
