@@ -150,6 +150,11 @@ class ModelSettings(_Section):
     path: Path = Path(__file__).resolve().parent.parent / "inference" / "checkpoints" / "demo"
     device: str = "auto"
     max_new_tokens: int = Field(160, ge=1)
+    cpu_threads: int = Field(
+        1,
+        ge=1,
+        description="torch threads for inference on the CPU (one per worker child is fastest under load).",
+    )
 
 
 class Settings(BaseSettings):

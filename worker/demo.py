@@ -171,7 +171,6 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
         "BRAIN3D_DESTINATIONS": json.dumps(
             [{"host": "127.0.0.1", "port": pacs_port, "ae_title": DEMO_PACS_AE}]
         ),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     }
     pacs = DemoPacs(demo_dir / "received", pacs_port)
     pacs.start()
