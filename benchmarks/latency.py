@@ -54,9 +54,10 @@ from pacs import Orthanc, free_port  # noqa: E402 - tests/ is put on sys.path ju
 from sqlalchemy import create_engine, select, text  # noqa: E402
 
 from dicom_node.config import CompletionSettings  # noqa: E402
-from dicom_node.db import Database, Job, JobState, Series  # noqa: E402
+from dicom_node.db import Database, JobState  # noqa: E402
 from dicom_node.db.models import AuditEvent, StructuredReport  # noqa: E402
 from dicom_node.ingest import as_utc  # noqa: E402
+from worker.jobs import wait_for_final_job  # noqa: E402
 
 DEMO_CHECKPOINT = REPO / "inference" / "checkpoints" / "demo"
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -296,24 +297,6 @@ def storescu(files: list[Path], port: int) -> None:
     )
     if result.returncode != 0:
         raise RuntimeError(f"storescu failed: {result.stdout}{result.stderr}")
-
-
-def wait_for_final_job(database: Database, series_uid: str, timeout_s: float) -> Job:
-    """The series' job once it has ended (polled from SQL, the source of truth)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with database.session() as session:
-            job = session.scalars(
-                select(Job)
-                .join(Series)
-                .where(Series.series_instance_uid == series_uid)
-                .order_by(Job.id.desc())
-            ).first()
-            if job is not None and job.state.is_final:
-                session.expunge(job)
-                return job
-        time.sleep(0.1)
-    raise TimeoutError(f"the job of series {series_uid} did not end within {timeout_s:.0f} s")
 
 
 def reception_dates_consistent(pacs: Orthanc, instance_ids: list[str], stored_at: datetime) -> bool:

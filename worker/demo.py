@@ -28,11 +28,11 @@ from pynetdicom.sop_class import (
     MRImageStorage,
     Verification,
 )
-from sqlalchemy import select
 
 from dicom_node.config import Settings
-from dicom_node.db import Database, Job, Series
+from dicom_node.db import Database, Job
 from inference.report_schema import Findings
+from worker.jobs import wait_for_final_job
 
 DEMO_PACS_AE = "DEMO_PACS"
 
@@ -135,23 +135,6 @@ def _send(files: list[Path], port: int, called_ae: str) -> None:
         association.release()
 
 
-def _wait_for_job(database: Database, series_uid: str, timeout: float) -> Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with database.session() as session:
-            job = session.scalars(
-                select(Job)
-                .join(Series)
-                .where(Series.series_instance_uid == series_uid)
-                .order_by(Job.id.desc())
-            ).first()
-            if job is not None and job.state.is_final:
-                session.expunge(job)
-                return job
-        time.sleep(0.2)
-    raise TimeoutError(f"no finished job for the FLAIR series within {timeout:.0f} s")
-
-
 def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> DemoResult:
     """Run the demo end to end and return what the destination received."""
     from dicom_node.acquisition import FLAIR_2D, T1
@@ -201,7 +184,7 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
         _wait_for_worker(logs / "worker.log", processes[1], 60)
         _send(flair + t1, node_port, settings.node.ae_title)
         flair_uid = pydicom.dcmread(flair[0], stop_before_pixels=True).SeriesInstanceUID
-        job = _wait_for_job(Database(settings.database.url), flair_uid, timeout)
+        job = wait_for_final_job(Database(settings.database.url), flair_uid, timeout)
         reports = pacs.wait_for(2, timeout=10) if job.state.value == "succeeded" else []
         return DemoResult(
             job=job, report_files=reports, truth=case.findings, wall_seconds=time.monotonic() - started

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from dicom_node.audit import Action, EventID, Outcome
-from dicom_node.db import Job, JobState, Series
+from dicom_node.db import Database, Job, JobState, Series
 from dicom_node.db.models import utcnow
 from worker.runtime import Runtime
 
@@ -210,3 +211,25 @@ def stale_jobs(runtime: Runtime, now: datetime | None = None) -> list[tuple[int,
             )
         ).all()
         return [(job.id, Step.CONVERT if job.state == JobState.QUEUED else next_step(job)) for job in jobs]
+
+
+def latest_job(database: Database, series_uid: str) -> Job | None:
+    """The newest job of a series (by SeriesInstanceUID), detached from its session."""
+    with database.session() as session:
+        job = session.scalars(
+            select(Job).join(Series).where(Series.series_instance_uid == series_uid).order_by(Job.id.desc())
+        ).first()
+        if job is not None:
+            session.expunge(job)
+        return job
+
+
+def wait_for_final_job(database: Database, series_uid: str, timeout_s: float, poll_s: float = 0.1) -> Job:
+    """The series' newest job once it has ended, polled from SQL (the source of truth)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = latest_job(database, series_uid)
+        if job is not None and job.state.is_final:
+            return job
+        time.sleep(poll_s)
+    raise TimeoutError(f"the job of series {series_uid} did not end within {timeout_s:.0f} s")

@@ -22,10 +22,9 @@ import psutil
 import pydicom
 from pacs import free_port
 from serve_harness import wait_for
-from sqlalchemy import select
 
 from dicom_node.acquisition import FLAIR_2D, T1
-from dicom_node.db import Database, Job, Series
+from dicom_node.db import Database
 from dicom_node.series_writer import write_series
 from inference.report_schema import Findings, Side
 from inference.synthetic import Case, synthesize_case
@@ -203,22 +202,3 @@ def write_study(folder: Path, case: Case, seed: int, **flair_options: object) ->
         study_uid=study_uid,
     )
     return Study(truth=case.findings, flair=flair, t1=t1)
-
-
-def job_of(database: Database, series_uid: str) -> Job | None:
-    """The newest job of a series, detached from its session."""
-    with database.session() as session:
-        job = session.scalars(
-            select(Job).join(Series).where(Series.series_instance_uid == series_uid).order_by(Job.id.desc())
-        ).first()
-        if job is not None:
-            session.expunge(job)
-        return job
-
-
-def wait_for_final_job(database: Database, series_uid: str, timeout: float = 180) -> Job:
-    def final() -> Job | None:
-        job = job_of(database, series_uid)
-        return job if job is not None and job.state.is_final else None
-
-    return wait_for(final, timeout)

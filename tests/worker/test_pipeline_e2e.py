@@ -24,11 +24,9 @@ from harness import (
     MODEL,
     NodeEnvironment,
     Study,
-    job_of,
     lateral_case,
     start_node,
     start_worker,
-    wait_for_final_job,
     write_study,
 )
 from pacs import Orthanc, free_port
@@ -39,6 +37,7 @@ from dicom_node.db import AuditEvent, Delivery, JobState, Series, StructuredRepo
 from dicom_node.sr import AI_DISCLAIMER, DEMO_DISCLAIMER, read_coded_findings, read_narrative
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Side, parse
+from worker.jobs import latest_job, wait_for_final_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
@@ -140,6 +139,18 @@ def _delivered_once(job, environment: NodeEnvironment) -> None:
     assert sorted(d.sop_instance_uid for d in deliveries) == sorted(r.sop_instance_uid for r in reports)
 
 
+def _embedded_environment(tmp_path: Path, pacs: Orthanc, extra: dict[str, str]) -> NodeEnvironment:
+    """The embedded defaults (SQLite, kombu's SQL transport) in the test's folder."""
+    root = tmp_path / "node"
+    return NodeEnvironment(
+        root=root,
+        database_url=f"sqlite:///{root / 'brain3d.db'}",
+        broker_url=f"sqla+sqlite:///{root / 'broker.db'}",
+        destinations=_destination(pacs),
+        extra=extra,
+    )
+
+
 @pytest.fixture
 def redis_environment(tmp_path, postgres_url, redis_url, orthanc) -> NodeEnvironment:
     return NodeEnvironment(
@@ -156,7 +167,7 @@ def test_a_study_comes_back_as_two_valid_srs_in_orthanc(redis_environment, ortha
     node, worker = start_node(environment), start_worker(environment)
     try:
         storescu(environment.node_port, study.flair + study.t1)
-        job = wait_for_final_job(environment.database(), study.uid())
+        job = wait_for_final_job(environment.database(), study.uid(), timeout_s=180)
         assert job.state == JobState.SUCCEEDED, job.error_reason
         _check_reports(orthanc, study, job, tmp_path)
         _delivered_once(job, environment)
@@ -172,7 +183,7 @@ def test_a_study_comes_back_as_two_valid_srs_in_orthanc(redis_environment, ortha
         ]
         assert all(steps) and steps == sorted(steps)
         # The T1 series was stored, routed out with its reason, and got no job.
-        assert job_of(environment.database(), study.uid("t1")) is None
+        assert latest_job(environment.database(), study.uid("t1")) is None
         with environment.database().session() as session:
             t1 = session.scalars(select(Series).where(Series.series_instance_uid == study.uid("t1"))).one()
             assert t1.eligible is False and t1.routing_reason
@@ -198,7 +209,7 @@ def test_sigkill_of_the_inference_child_reruns_it_and_the_pacs_gets_one_copy(
         database = environment.database()
 
         def in_inference():
-            job = job_of(database, study.uid())
+            job = latest_job(database, study.uid())
             return (
                 job
                 if job is not None and job.inference_started_at and not job.inference_finished_at
@@ -208,7 +219,7 @@ def test_sigkill_of_the_inference_child_reruns_it_and_the_pacs_gets_one_copy(
         wait_for(in_inference, 60, interval_s=0.01)
         for pid in children:
             psutil.Process(pid).kill()
-        job = wait_for_final_job(database, study.uid())
+        job = wait_for_final_job(database, study.uid(), timeout_s=180)
         assert job.state == JobState.SUCCEEDED, job.error_reason
         assert job.attempts == 2, "the interrupted inference counts as an attempt"
         _check_reports(orthanc, study, job, tmp_path)
@@ -232,12 +243,14 @@ def test_sigkill_of_the_worker_main_process_is_recovered_from_sql(tmp_path, post
         storescu(environment.node_port, study.flair + study.t1)
         database = environment.database()
         wait_for(
-            lambda: (job := job_of(database, study.uid())) is not None and job.conversion_started_at, 60, 0.01
+            lambda: (job := latest_job(database, study.uid())) is not None and job.conversion_started_at,
+            60,
+            0.01,
         )
         worker.kill()
         replacement = start_worker(environment, name="worker-2")
         try:
-            job = wait_for_final_job(database, study.uid())
+            job = wait_for_final_job(database, study.uid(), timeout_s=180)
         finally:
             replacement.stop()
         assert job.state == JobState.SUCCEEDED, job.error_reason
@@ -282,14 +295,14 @@ def test_a_redis_restart_that_loses_the_queue_is_recovered_within_a_minute(tmp_p
     try:
         storescu(environment.node_port, study.flair + study.t1)
         database = environment.database()
-        wait_for(lambda: (job := job_of(database, study.uid())) is not None and job.queued_at, 30)
+        wait_for(lambda: (job := latest_job(database, study.uid())) is not None and job.queued_at, 30)
         # Redis restarts with nothing kept on disk: the queued message is gone.
         redis_process.kill()
         redis_process.wait()
         redis_process = _redis_server(port)
         started = time.monotonic()
         worker = start_worker(environment)
-        job = wait_for_final_job(database, study.uid(), timeout=90)
+        job = wait_for_final_job(database, study.uid(), timeout_s=90)
         assert job.state == JobState.SUCCEEDED, job.error_reason
         assert time.monotonic() - started < 60
         assert "job-requeued" in [event[1] for event in _events(environment, job.id)]
@@ -317,10 +330,10 @@ def test_a_one_minute_pacs_outage_delays_delivery_and_loses_nothing(redis_enviro
                 return len(session.scalars(select(Delivery).where(Delivery.succeeded.is_(False))).all())
 
         wait_for(lambda: failed_attempts() >= 4, 60)
-        assert job_of(database, study.uid()).state == JobState.RUNNING, "the job waits for the PACS"
+        assert latest_job(database, study.uid()).state == JobState.RUNNING, "the job waits for the PACS"
         time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
         orthanc.__enter__()  # back, same ports and storage
-        job = wait_for_final_job(database, study.uid(), timeout=60)
+        job = wait_for_final_job(database, study.uid(), timeout_s=60)
         assert job.state == JobState.SUCCEEDED, job.error_reason
         _check_reports(orthanc, study, job, tmp_path)
         _delivered_once(job, environment)
@@ -332,13 +345,7 @@ def test_a_one_minute_pacs_outage_delays_delivery_and_loses_nothing(redis_enviro
 
 
 def test_a_series_with_a_missing_slice_is_not_analysed_and_says_why(tmp_path, orthanc):
-    environment = NodeEnvironment(
-        root=tmp_path / "node",
-        database_url=f"sqlite:///{tmp_path / 'node' / 'brain3d.db'}",
-        broker_url=f"sqla+sqlite:///{tmp_path / 'node' / 'broker.db'}",
-        destinations=_destination(orthanc),
-        extra={"BRAIN3D_DELIVERY__NOT_ANALYSED_REPORT": "true"},
-    )
+    environment = _embedded_environment(tmp_path, orthanc, {"BRAIN3D_DELIVERY__NOT_ANALYSED_REPORT": "true"})
     study = write_study(tmp_path / "study", lateral_case(Side.LEFT), seed=61)
     gap = study.flair[len(study.flair) // 2]
     sent = [path for path in study.flair if path != gap]
@@ -349,7 +356,7 @@ def test_a_series_with_a_missing_slice_is_not_analysed_and_says_why(tmp_path, or
     node, worker = start_node(environment), start_worker(environment)
     try:
         storescu(environment.node_port, sent)
-        job = wait_for_final_job(environment.database(), study.uid())
+        job = wait_for_final_job(environment.database(), study.uid(), timeout_s=180)
         assert job.state == JobState.NOT_ANALYSED
         assert "slice" in job.error_reason
         assert job.inference_started_at is None, "never passed to the model"
@@ -363,18 +370,12 @@ def test_a_series_with_a_missing_slice_is_not_analysed_and_says_why(tmp_path, or
 
 
 def test_shadow_mode_keeps_srs_locally_and_sends_nothing(tmp_path, orthanc):
-    environment = NodeEnvironment(
-        root=tmp_path / "node",
-        database_url=f"sqlite:///{tmp_path / 'node' / 'brain3d.db'}",
-        broker_url=f"sqla+sqlite:///{tmp_path / 'node' / 'broker.db'}",
-        destinations=_destination(orthanc),
-        extra={"BRAIN3D_DELIVERY__SHADOW_MODE": "true"},
-    )
+    environment = _embedded_environment(tmp_path, orthanc, {"BRAIN3D_DELIVERY__SHADOW_MODE": "true"})
     study = write_study(tmp_path / "study", lateral_case(Side.RIGHT), seed=71)
     node, worker = start_node(environment), start_worker(environment)
     try:
         storescu(environment.node_port, study.flair)
-        job = wait_for_final_job(environment.database(), study.uid())
+        job = wait_for_final_job(environment.database(), study.uid(), timeout_s=180)
         assert job.state == JobState.SUCCEEDED and "shadow" in job.error_reason
         assert _sr_instances_in_orthanc(orthanc, study.uid("flair", "StudyInstanceUID")) == []
         stored = list((tmp_path / "node" / "reports").rglob("*.dcm"))
