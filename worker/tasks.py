@@ -66,6 +66,8 @@ def run_job(job_id: int) -> None:
             return
         book.complete(job_id, Step.CONVERT, input_hash=sources.input_hash)
         book.event(job, "conversion", Outcome.SUCCESS, {"instances": len(sources.paths)})
+    elif book.get(job_id).state.is_final:  # e.g. failed: too many interrupted conversions
+        return
     chain(infer.si(job_id), build_reports.si(job_id), deliver_reports.si(job_id)).apply_async()
 
 
