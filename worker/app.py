@@ -38,16 +38,20 @@ TASK_QUEUES = {
 }
 
 
-def _configure_sql_transport(broker: str, polling_interval: float) -> None:
+def _configure_sql_transport(polling_interval: float) -> None:
     """Prepare kombu's SQLAlchemy transport, the embedded default broker.
 
     It passes its transport options to ``create_engine``, so its polling interval (1 s by
-    default, paid at every hop of a job) is set on the transport class instead; and it does
-    not create the folder of its SQLite file.
+    default, paid at every hop of a job) is set on the transport class instead.
     """
     sql_transport.Transport.polling_interval = polling_interval
-    if broker.startswith("sqla+sqlite:///"):
-        Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _create_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite broker or result backend: neither kombu nor Celery does."""
+    for prefix in ("sqla+sqlite:///", "db+sqlite:///"):
+        if url.startswith(prefix):
+            Path(url.removeprefix(prefix)).parent.mkdir(parents=True, exist_ok=True)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -60,8 +64,10 @@ def create_app(settings: Settings | None = None) -> Celery:
         "visibility_timeout": int(hard_limit * 2),
     }
     if broker.startswith("sqla+"):
-        _configure_sql_transport(broker, settings.queue.polling_interval)
+        _configure_sql_transport(settings.queue.polling_interval)
         transport_options = {}  # kombu hands this transport's options to create_engine()
+    _create_sqlite_folder(broker)
+    _create_sqlite_folder(settings.queue.result_backend)
     app = Celery("brain3d", broker=broker, backend=settings.queue.result_backend, include=["worker.tasks"])
     app.conf.update(
         task_queues=[Queue(CPU_QUEUE), Queue(GPU_QUEUE)],

@@ -23,7 +23,10 @@ def runtime(database_url, tmp_path) -> Runtime:
     upgrade(database_url)
     settings = load_settings(
         database={"url": database_url, "audit_key_file": tmp_path / "audit.key"},
-        queue={"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"},
+        queue={
+            "broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+            "result_backend": f"db+sqlite:///{tmp_path / 'results.db'}",
+        },
         worker={"max_attempts": 2, "stale_after_s": 30},
     )
     return Runtime(settings)
