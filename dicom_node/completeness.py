@@ -2,8 +2,9 @@
 
 A series completes at once when its headers state how many instances it has
 (``InstanceHeaders.expected_instances``: ImagesInAcquisition, an Enhanced MR's frames
-in one instance, InConcatenationTotalNumber) and that many distinct SOP Instance UIDs
-are present; otherwise after ``completion.stable_seconds`` without new content. Anchors
+in one instance, InConcatenationTotalNumber), or a site's ``completion.count_rules``
+state it for series whose headers do not, and that many distinct SOP Instance UIDs are
+present; otherwise after ``completion.stable_seconds`` without new content. Anchors
 use only timers (60 s in mercure and Orthanc) and split series of slow senders.
 
 A series re-opened by new content after hand-off (generation > 0) completes on the

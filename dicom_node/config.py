@@ -111,11 +111,44 @@ class DeliverySettings(_Section):
     not_analysed_report: bool = Field(False, description="Send a short SR when a series is not analysed.")
 
 
+#: Header keywords a count rule may match: read from every instance on the C-STORE path.
+COUNT_RULE_KEYWORDS = (
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+    "SeriesDescription",
+    "ProtocolName",
+)
+
+
+class CountRule(_Section):
+    """A site rule for series whose headers do not state their size: series matching every
+    ``match`` entry (keyword -> case-insensitive glob, as routing rules) have ``instances``
+    instances, so they complete on the count instead of waiting for the timer."""
+
+    match: dict[str, str] = Field(min_length=1)
+    instances: int = Field(ge=1)
+    reason: str = ""
+
+    @field_validator("match")
+    @classmethod
+    def _keywords_are_read_at_ingest(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(COUNT_RULE_KEYWORDS))
+        if unknown:
+            raise ValueError(f"cannot match on {', '.join(unknown)}; use {', '.join(COUNT_RULE_KEYWORDS)}")
+        return value
+
+
 class CompletionSettings(_Section):
     """When a series counts as complete."""
 
     stable_seconds: float = Field(10.0, gt=0)
     check_interval: float = Field(0.5, gt=0)
+    count_rules: list[CountRule] = Field(
+        default_factory=list,
+        description="Instance counts for series whose headers give none; the first matching rule wins.",
+    )
 
 
 class RoutingRule(_Section):

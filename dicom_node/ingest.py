@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,9 +35,11 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from sqlalchemy import Connection, bindparam, insert, select, update
 
+from dicom_node.config import CountRule
 from dicom_node.db.models import Association, Instance, Series, SeriesState, Study
 from dicom_node.db.session import Database
 from dicom_node.identity import is_produced_by_node
+from dicom_node.routing import headers_match
 from dicom_node.spool import SpooledInstance
 
 log = logging.getLogger(__name__)
@@ -64,24 +66,26 @@ ENHANCED_MR_CLASSES = frozenset(
     }
 )
 _LAST_HEADER_TAG = 0x00280008  # NumberOfFrames: every tag read here sorts at or before it
-# tag -> (InstanceHeaders field, how its raw value is decoded)
-_HEADER_FIELDS: dict[int, tuple[str, str]] = {
-    int(Tag(keyword)): (name, kind)
-    for keyword, name, kind in (
-        ("SOPClassUID", "sop_class_uid", "uid"),
-        ("SOPInstanceUID", "sop_instance_uid", "uid"),
-        ("Modality", "modality", "text"),
-        ("Manufacturer", "manufacturer", "text"),
-        ("SeriesDescription", "series_description", "text"),
-        ("StudyInstanceUID", "study_uid", "uid"),
-        ("SeriesInstanceUID", "series_uid", "uid"),
-        ("SeriesNumber", "series_number", "integer"),
-        ("InstanceNumber", "instance_number", "integer"),
-        ("ImagesInAcquisition", "images_in_acquisition", "integer"),
-        ("InConcatenationTotalNumber", "in_concatenation_total", "integer"),
-        ("NumberOfFrames", "number_of_frames", "integer"),
-    )
-}
+# (keyword, InstanceHeaders field, how its raw value is decoded)
+_HEADER_SPEC = (
+    ("SOPClassUID", "sop_class_uid", "uid"),
+    ("SOPInstanceUID", "sop_instance_uid", "uid"),
+    ("Modality", "modality", "text"),
+    ("Manufacturer", "manufacturer", "text"),
+    ("StationName", "station_name", "text"),
+    ("SeriesDescription", "series_description", "text"),
+    ("ManufacturerModelName", "manufacturer_model_name", "text"),
+    ("ProtocolName", "protocol_name", "text"),
+    ("StudyInstanceUID", "study_uid", "uid"),
+    ("SeriesInstanceUID", "series_uid", "uid"),
+    ("SeriesNumber", "series_number", "integer"),
+    ("InstanceNumber", "instance_number", "integer"),
+    ("ImagesInAcquisition", "images_in_acquisition", "integer"),
+    ("InConcatenationTotalNumber", "in_concatenation_total", "integer"),
+    ("NumberOfFrames", "number_of_frames", "integer"),
+)
+_HEADER_FIELDS = {int(Tag(keyword)): (name, kind) for keyword, name, kind in _HEADER_SPEC}
+_TEXT_FIELD_OF_KEYWORD = {keyword: name for keyword, name, kind in _HEADER_SPEC if kind == "text"}
 _SPECIFIC_CHARACTER_SET = int(Tag("SpecificCharacterSet"))
 _HEADER_TAGS: list[BaseTag | int] = [_SPECIFIC_CHARACTER_SET, *_HEADER_FIELDS]
 _TEXT_DELIMITERS = {0x5C}  # backslash, between values
@@ -128,7 +132,10 @@ class InstanceHeaders:
     number_of_frames: int | None = None
     in_concatenation_total: int | None = None
     manufacturer: str | None = None
+    manufacturer_model_name: str | None = None
+    station_name: str | None = None
     series_description: str | None = None
+    protocol_name: str | None = None
     series_number: int | None = None
 
     @property
@@ -140,6 +147,20 @@ class InstanceHeaders:
             return 1  # the whole volume is in one multi-frame instance
         if self.images_in_acquisition and self.images_in_acquisition > 0:
             return self.images_in_acquisition
+        return None
+
+    def text(self, keyword: str) -> str:
+        """A text header by its DICOM keyword (``""`` when absent), for site rules."""
+        field = _TEXT_FIELD_OF_KEYWORD[keyword]
+        return getattr(self, field) or ""
+
+    def expected_instances_with(self, count_rules: Sequence[CountRule]) -> int | None:
+        """The headers' own count, else that of the first site rule the headers match."""
+        if self.expected_instances is not None:
+            return self.expected_instances
+        for rule in count_rules:
+            if headers_match(rule.match, self.text):
+                return rule.instances
         return None
 
     @property
@@ -357,8 +378,9 @@ class InstanceRecorded:
 class Ingest:
     """SQL bookkeeping of the Storage SCP: associations, studies, series, instances."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, count_rules: Sequence[CountRule] = ()) -> None:
         self.database = database
+        self.count_rules = tuple(count_rules)
         self.committer = GroupCommitter(database)
         self._study_ids: dict[str, int] = {}
         self._series: dict[str, SeriesRecord] = {}
@@ -517,6 +539,7 @@ class Ingest:
         if record is not None:
             return record
         study_id = self._study_id(batch, headers.study_uid, received_at)
+        expected = headers.expected_instances_with(self.count_rules)
         series_id = batch.connection.execute(
             insert(Series)
             .values(
@@ -525,7 +548,7 @@ class Ingest:
                 modality=headers.modality,
                 series_number=headers.series_number,
                 series_description=(headers.series_description or None) and headers.series_description[:64],
-                expected_instances=headers.expected_instances,
+                expected_instances=expected,
                 state=SeriesState.RECEIVING,
                 generation=0,
                 first_received_at=received_at,
@@ -540,7 +563,7 @@ class Ingest:
             study_uid=headers.study_uid,
             state=SeriesState.RECEIVING,
             generation=0,
-            expected_instances=headers.expected_instances,
+            expected_instances=expected,
             produced_by_node=headers.produced_by_node,
         )
         self.stage_series(batch, record)
@@ -589,8 +612,9 @@ class Ingest:
         series_values["last_received_at"] = max(
             received_at, series_values.get("last_received_at", received_at)
         )
-        if series.expected_instances is None and headers.expected_instances is not None:
-            series.expected_instances = series_values["expected_instances"] = headers.expected_instances
+        expected = headers.expected_instances_with(self.count_rules)
+        if series.expected_instances is None and expected is not None:
+            series.expected_instances = series_values["expected_instances"] = expected
         reopened = series.state == SeriesState.COMPLETE
         if reopened:
             # New content after hand-off: the series is processed again, never silently dropped.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,18 +165,17 @@ def _physics(ds: Dataset) -> _Physics:
     return _Physics(inversion_recovery, inversion_times, echo_time, repetition_time, gradient_echo, b_value)
 
 
-def _rule_matches(rule: RoutingRule, ds: Dataset) -> bool:
-    """Every ``match`` entry must hold: keyword -> case-insensitive glob on the value.
+def headers_match(match: Mapping[str, str], value_of: Callable[[str], str]) -> bool:
+    """A site rule's test: every ``match`` entry (keyword -> case-insensitive glob) holds for
+    ``value_of(keyword)``; a missing attribute is ``""`` and matches only the pattern ``""``."""
+    return all(
+        fnmatch.fnmatchcase(value_of(keyword).upper(), pattern.upper()) for keyword, pattern in match.items()
+    )
 
-    Multi-valued attributes are compared in their DICOM form (``SE\\IR``); a
-    missing attribute matches only the pattern ``""``.
-    """
-    for keyword, pattern in rule.match.items():
-        value = ds.get(keyword)
-        text = "\\".join(_values(value)) if value is not None else ""
-        if not fnmatch.fnmatchcase(text.upper(), pattern.upper()):
-            return False
-    return True
+
+def _rule_matches(rule: RoutingRule, ds: Dataset) -> bool:
+    """Multi-valued attributes are compared in their DICOM form (``SE\\IR``)."""
+    return headers_match(rule.match, lambda keyword: "\\".join(_values(ds.get(keyword))))
 
 
 def _format_ms(value: float | None) -> str:

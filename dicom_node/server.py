@@ -51,7 +51,7 @@ class NodeServer:
 
         self.celery = create_app(settings)
         self.handoff = HandOff(self.database, self.celery)
-        self.ingest = Ingest(self.database)
+        self.ingest = Ingest(self.database, settings.completion.count_rules)
         self.tracker = CompletenessTracker(
             self.ingest, settings.completion, settings.routing, self.handoff, self.audit
         )

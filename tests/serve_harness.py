@@ -38,6 +38,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -65,6 +67,7 @@ class NodeProcess:
         allowed_calling_aes: Iterable[str] = (),
         port: int | None = None,
         min_free_bytes: int = 0,
+        count_rules: Iterable[dict[str, Any]] = (),
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -87,7 +90,11 @@ class NodeProcess:
                     "broker_url": self.broker_url,
                     "result_backend": result_backend or f"db+sqlite:///{root / 'results.db'}",
                 },
-                "completion": {"stable_seconds": stable_seconds, "check_interval": 0.1},
+                "completion": {
+                    "stable_seconds": stable_seconds,
+                    "check_interval": 0.1,
+                    "count_rules": list(count_rules),
+                },
             },
         )
         self.process: subprocess.Popen[bytes] | None = None

@@ -1,4 +1,4 @@
-"""Counts from headers, and retention of spooled series, in-process on both databases."""
+"""Counts from headers or site rules, and retention of spooled series, in-process on both databases."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 from pacs import enhanced_mr, mr_series
+from pydantic import ValidationError
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 from sqlalchemy import insert, select
 
 from dicom_node.audit import AuditTrail
+from dicom_node.config import COUNT_RULE_KEYWORDS, CountRule
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import Job, JobState, Series, SeriesState, Study
 from dicom_node.db.session import Database
@@ -33,6 +35,31 @@ def test_counts_come_from_the_headers() -> None:
     assert _headers(classic).expected_instances == 3, "a concatenation states its own total"
     enhanced = enhanced_mr(frames=10)
     assert _headers(enhanced).expected_instances == 1, "an Enhanced MR holds the whole series"
+
+
+def test_a_site_count_rule_gives_a_count_only_where_the_headers_give_none() -> None:
+    rules = [
+        CountRule(match={"StationName": "MR7", "ProtocolName": "*flair*"}, instances=12),
+        CountRule(match={"Manufacturer": "ACME*"}, instances=30),
+    ]
+    dataset = mr_series(1)[0]
+    dataset.StationName, dataset.ProtocolName, dataset.Manufacturer = "mr7", "AX T2 FLAIR", "ACME Medical"
+    assert _headers(dataset).expected_instances_with(rules) == 12, "first matching rule, case-insensitive"
+    dataset.ProtocolName = "AX T1"
+    assert _headers(dataset).expected_instances_with(rules) == 30, "every entry of a rule must hold"
+    dataset.Manufacturer = "Other"
+    assert _headers(dataset).expected_instances_with(rules) is None, "no rule matches: the timer decides"
+    dataset.ImagesInAcquisition = 24
+    assert _headers(dataset).expected_instances_with(rules) == 24, "the headers' own count wins"
+
+
+def test_count_rules_only_match_headers_read_on_the_store_path() -> None:
+    for keyword in COUNT_RULE_KEYWORDS:
+        dataset = mr_series(1)[0]
+        setattr(dataset, keyword, "MARK")
+        assert _headers(dataset).text(keyword) == "MARK", keyword
+    with pytest.raises(ValidationError, match="cannot match on SliceThickness"):
+        CountRule(match={"SliceThickness": "5"}, instances=20)
 
 
 def test_header_reading_refuses_datasets_without_uids() -> None:

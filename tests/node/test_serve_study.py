@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from conftest import require_tool
+from pydicom.dataset import Dataset
 from serve_harness import NodeProcess, SentSeries, dataset_bytes, storescu, wait_for, write_study
 from sqlalchemy import create_engine, select, text
 
+from dicom_node.acquisition import FLAIR_2D
 from dicom_node.db.models import Association, AuditEvent, Instance, Job, JobState, Series, SeriesState
 from dicom_node.ingest import as_utc
 from worker.app import RUN_JOB_TASK
@@ -159,3 +162,42 @@ def test_study_on_postgres_and_redis(tmp_path: Path, postgres_url: str, redis_ur
         assert _message_job_ids(client.lrange("cpu", 0, -1)) == [job_id]
     finally:
         client.close()
+
+
+def test_a_site_count_rule_completes_a_series_whose_headers_give_no_count(tmp_path: Path) -> None:
+    """Station MR7 sends no ImagesInAcquisition; a count rule for it completes the FLAIR series on
+    its last instance, while the same series from a station without a rule waits for the timer."""
+    require_tool("storescu")
+
+    def station(name: str) -> Callable[[Dataset], None]:
+        def edit(dataset: Dataset) -> None:
+            del dataset.ImagesInAcquisition
+            dataset.StationName = name
+
+        return edit
+
+    with_rule = write_study(tmp_path / "mr7", presets=[("flair", FLAIR_2D)], seed=3, edit=station("MR7"))
+    without = write_study(tmp_path / "mr8", presets=[("flair", FLAIR_2D)], seed=4, edit=station("MR8"))
+    rule = {"match": {"StationName": "mr7", "SeriesDescription": "*dark-fluid*"}, "instances": 12}
+    with NodeProcess(tmp_path / "node", stable_seconds=60, count_rules=[rule]) as node:
+        storescu(node.port, without["flair"].paths)
+        storescu(node.port, with_rule["flair"].paths)
+        database = node.database()
+        try:
+
+            def queued_job() -> Job | None:
+                with database.session() as session:
+                    return session.execute(select(Job).where(Job.queued_at.is_not(None))).scalar_one_or_none()
+
+            job = wait_for(queued_job, timeout_s=20)
+            with database.session() as session:
+                series = session.execute(select(Series).where(Series.id == job.series_id)).scalar_one()
+                waiting = session.execute(
+                    select(Series).where(Series.series_instance_uid == without["flair"].series_uid)
+                ).scalar_one()
+        finally:
+            database.dispose()
+    assert series.series_instance_uid == with_rule["flair"].series_uid
+    assert (series.expected_instances, series.completion_reason) == (12, "count")
+    assert waiting.state == SeriesState.RECEIVING and waiting.expected_instances is None
+    assert as_utc(job.queued_at) - as_utc(job.last_instance_received_at) < timedelta(seconds=2)
