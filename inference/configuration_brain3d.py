@@ -233,8 +233,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "patch_size": 8,
             "vision_use_head": False,
         },
+        # The window covers the whole prefix and report (about 90 + up to 200 tokens), as the 4B's 1024-token
+        # window covers its own: with 64, three of four layers could not see the first visual tokens
+        # from the report, and the one global layer was left to find the lesion alone.
         "text_config": {
-            **_small_text_config(hidden=128, layers=4, heads=4, kv_heads=2, window=64),
+            **_small_text_config(hidden=128, layers=4, heads=4, kv_heads=2, window=512),
             "vocab_size": 1024,
         },
         "input_grid": [32, 64, 64],

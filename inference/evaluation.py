@@ -170,7 +170,16 @@ def run_ablation(
     results = {}
     for name, stages in ABLATION.items():
         run = out_dir / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
-        training.train_pipeline(preset, stages, data, run, seed=seed, init=base / "final", schedule=schedule)
+        training.train_pipeline(
+            preset,
+            stages,
+            data,
+            run,
+            seed=seed,
+            init=base / "final",
+            schedule=schedule,
+            pretrained_2d_run=base,
+        )
         results[name] = evaluate_checkpoint(run / "final", manifest, run / "eval")
     (out_dir / "ablation.json").write_text(json.dumps(results, indent=1, default=float))
     return results

@@ -217,24 +217,44 @@ class InflatedSiglipEncoder(nn.Module):
 
 
 class SpatialCompressor(nn.Module):
-    """3D adaptive average pooling of the token grid, plus a learned 3D position embedding.
+    """3D adaptive average pooling of the token grid, plus the hemispheric difference and a
+    learned 3D position embedding on every token.
 
-    Each visual token summarises one block of the volume, so a left-sided lesion lands in left
-    tokens; pooling windows are symmetric, so a mirrored grid pools to the mirrored tokens.
+    Each token summarises one block of the volume, so a left-sided lesion lands in left tokens;
+    pooling windows are symmetric, so a mirrored grid pools to the mirrored tokens.
+
+    The hemispheric difference is the mean of the pooled tokens over the patient's left half of
+    the grid minus their mean over the right half (a middle column of an odd grid belongs to
+    neither), as a radiologist compares hemispheres: a one-sided lesion gives it a sign, and
+    mirroring the volume negates it. Added to every token, it reaches the decoder in whatever the
+    decoder attends to; where the lesion is only told by which token holds it, the demo decoder
+    never learned laterality (``docs/results.md``).
     """
 
     def __init__(self, config: Brain3DConfig):
         super().__init__()
         self.token_grid = tuple(config.token_grid)
         self.output_grid = tuple(config.compressor_grid)
+        if self.output_grid[2] < 2:
+            raise ValueError(f"compressor_grid {list(self.output_grid)} needs at least 2 columns along W")
         self.position = nn.Parameter(torch.zeros(config.num_visual_tokens, config.vision_config.hidden_size))
+        # A difference of two half-grid means is about 1/20 of a token's norm; at gain 1 the demo
+        # decoder did not pick it up in 750 steps, while a global signal of half a token's norm is
+        # learnt within 400 (docs/results.md). Learnt from here on.
+        self.difference_gain = nn.Parameter(torch.tensor(10.0))
+
+    def hemispheric_difference(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``(B, C, d, h, w)`` pooled grid -> ``(B, C)``: left-half mean minus right-half mean."""
+        half = self.output_grid[2] // 2  # W runs from the patient's left (small w) to the right
+        return pooled[..., :half].mean((2, 3, 4)) - pooled[..., -half:].mean((2, 3, 4))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, d * h * w, C)`` -> ``(B, prod(compressor_grid), C)``, in (d, h, w) row-major order."""
         batch, _, channels = tokens.shape
         grid = tokens.transpose(1, 2).reshape(batch, channels, *self.token_grid)
-        pooled = F.adaptive_avg_pool3d(grid, self.output_grid).flatten(2).transpose(1, 2)
-        return pooled + self.position
+        pooled = F.adaptive_avg_pool3d(grid, self.output_grid)
+        difference = self.difference_gain * self.hemispheric_difference(pooled).unsqueeze(1)
+        return pooled.flatten(2).transpose(1, 2) + difference + self.position
 
 
 class Projector(nn.Module):
@@ -553,8 +573,15 @@ class Brain3D(nn.Module):
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
-    def contrastive_loss(self, volumes: torch.Tensor, report_texts: list[str]) -> torch.Tensor:
-        """Symmetric InfoNCE between mean-pooled visual tokens and the frozen decoder's report embeddings.
+    def contrastive_loss(
+        self,
+        volumes: torch.Tensor,
+        report_texts: list[str],
+        embed_reports: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Symmetric InfoNCE between mean-pooled visual tokens and report embeddings: from
+        ``embed_reports`` (a 2D checkpoint's text tower) where given, else the frozen decoder's
+        (:meth:`report_embeddings`, the paper's choice).
 
         The other studies of the batch are the negatives, so a batch of one has no signal (the
         published code's default batch size of 1 made its stage 1 a no-op): that raises ValueError.
@@ -565,7 +592,8 @@ class Brain3D(nn.Module):
                 f"{volumes.shape[0]} volumes and {len(report_texts)} reports"
             )
         visual = F.normalize(self.encode(volumes).mean(dim=1).float(), dim=-1)
-        text = F.normalize(self.report_embeddings(report_texts).float(), dim=-1)
+        with torch.no_grad():
+            text = F.normalize((embed_reports or self.report_embeddings)(report_texts).float(), dim=-1)
         logits = visual @ text.T / self.config.contrastive_temperature
         targets = torch.arange(len(report_texts), device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

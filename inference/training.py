@@ -3,10 +3,10 @@
 Stages (``--stage``):
 
 - ``pretrain-text``: the small decoder learns the report language (next token on the corpus);
-- ``pretrain-2d``: a 2D SigLIP encoder learns axial slices against report embeddings (sigmoid
-  loss), then is inflated into the 3D encoder;
+- ``pretrain-2d``: a 2D SigLIP (vision and text towers) learns axial slices against their
+  reports (sigmoid loss); the vision tower is inflated into the 3D encoder;
 - ``contrastive`` (stage 1): tubelets, positions, compressor, projector (and the encoder blocks
-  when not pretrained), InfoNCE between volumes and reports;
+  when not pretrained), InfoNCE between volumes and reports embedded by that text tower;
 - ``projector`` (stage 2a): projector and soft prompts, next token on report tokens only;
 - ``lora`` (stage 2b): those plus LoRA (and the whole decoder when not pretrained).
 
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("pretrain-text", "pretrain-2d", "contrastive", "projector", "lora")
 LM_STAGES = ("projector", "lora")
+TEXT_TOWER_DIR = "text"  # inside pretrain-2d/best: the 2D text tower stage 1 embeds reports with
 VISION_GROUPS = {"tubelet_embedding", "depth_position", "plane_position", "encoder_blocks", "compressor"}
 
 
@@ -80,17 +81,18 @@ class TrainingData:
     def batch(
         self, batch: list[int], rng: random.Random, device: torch.device, mirror: bool = False
     ) -> tuple[torch.Tensor, list[str]]:
-        """Volumes and reports of ``batch``; with ``mirror`` (synthetic data only) each case is
-        left-right mirrored with probability 1/2, its side swapped in the re-rendered report:
-        mirrored twins differ only in side, which makes laterality the thing to learn."""
-        volumes = self.volumes[batch].to(device)
-        reports = []
-        for position, index in enumerate(batch):
-            if mirror and self.rerender and rng.random() < 0.5:
-                volumes[position] = volumes[position].flip(LEFT_RIGHT_AXIS)
-                reports.append(render(mirrored(self.findings[index]), rng))
-            else:
-                reports.append(self.report_for(index, rng))
+        """Volumes and reports of ``batch``. With ``mirror`` (synthetic data only) the first half
+        of ``batch`` comes with its left-right mirrored twins instead of the second half: volume
+        flipped, the report re-rendered with the side swapped. A study and its twin differ only
+        in side, so the contrastive loss has to tell them apart and the decoder sees the side as
+        the one thing that changes."""
+        if not (mirror and self.rerender):
+            return self.volumes[batch].to(device), [self.report_for(i, rng) for i in batch]
+        originals = batch[: max(len(batch) // 2, 1)]
+        volumes = self.volumes[originals].to(device)
+        volumes = torch.cat([volumes, volumes.flip(LEFT_RIGHT_AXIS)])
+        findings = [self.findings[i] for i in originals]
+        reports = [render(f, rng) for f in findings] + [render(mirrored(f), rng) for f in findings]
         return volumes, reports
 
     def indices(self, split: str) -> list[int]:
@@ -414,9 +416,63 @@ def _axial_slices(data: TrainingData, batch: list[int], rng: random.Random) -> t
     return torch.stack(slices).unsqueeze(1)
 
 
-def train_2d(model, data: TrainingData, settings: StageSettings, out_dir: Path, seed: int) -> StageResult:
-    """``pretrain-2d``: a 2D SigLIP encoder learns slices against report embeddings of the
-    (frozen) decoder with SigLIP's sigmoid loss; it is then inflated into the 3D encoder."""
+class ReportTextTower(torch.nn.Module):
+    """SigLIP's text tower over the report tokenizer: the report embeddings of stage 1 where the
+    2D checkpoint has a text tower (MedSigLIP has one; ``pretrain-2d`` trains one for ``tiny`` and
+    ``demo``). Mean-pooled hidden states of a frozen decoder, the paper's alternative, barely see a
+    one-word change: a report and its left-right twin embed at cosine 0.99997 (``docs/results.md``),
+    so stage 1 could not ground laterality with them. Pooled as SigLIP pools: the last position of
+    a sequence padded to its full length."""
+
+    def __init__(self, text_model, tokenizer) -> None:
+        super().__init__()
+        self.text_model = text_model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def build(cls, tokenizer, width: int, max_length: int = 128) -> ReportTextTower:
+        from transformers import SiglipTextConfig, SiglipTextModel
+
+        config = SiglipTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=max_length,
+            projection_size=width,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return cls(SiglipTextModel(config), tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: Path, tokenizer) -> ReportTextTower:
+        from transformers import SiglipTextModel
+
+        return cls(SiglipTextModel.from_pretrained(directory), tokenizer)
+
+    def save_pretrained(self, directory: Path) -> None:
+        self.text_model.save_pretrained(directory)
+
+    def forward(self, report_texts: list[str]) -> torch.Tensor:
+        """``(B, width)`` embeddings of the reports."""
+        length = self.text_model.config.max_position_embeddings
+        pad = self.tokenizer.pad_token_id
+        # Padded by hand: padding arguments would stick to the shared tokenizer and be saved with it.
+        rows = [self.tokenizer(text, add_special_tokens=False).input_ids[:length] for text in report_texts]
+        ids = torch.tensor([row + [pad] * (length - len(row)) for row in rows], device=self.text_model.device)
+        return self.text_model(input_ids=ids).pooler_output
+
+
+def train_2d(
+    model, data: TrainingData, settings: StageSettings, out_dir: Path, seed: int
+) -> tuple[StageResult, ReportTextTower]:
+    """``pretrain-2d``: a 2D SigLIP (vision and text towers) learns axial slices against their
+    reports with SigLIP's sigmoid loss, half of each batch beside its left-right mirrored twins
+    (slice flipped, side swapped in the report), so both towers must tell left from right; the
+    vision tower is then inflated into the 3D encoder and the text tower returned for stage 1."""
     from transformers import SiglipVisionModel
 
     from inference.modeling_brain3d import InflatedSiglipEncoder
@@ -424,17 +480,26 @@ def train_2d(model, data: TrainingData, settings: StageSettings, out_dir: Path, 
     _seed_everything(seed)
     config = model.config
     siglip = SiglipVisionModel(config.vision_config).to(model.device)
-    head = torch.nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size).to(model.device)
+    text_width = config.text_config.hidden_size
+    text_tower = ReportTextTower.build(model.tokenizer, text_width).to(model.device)
+    head = torch.nn.Linear(config.vision_config.hidden_size, text_width).to(model.device)
     scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=model.device))
     bias = torch.nn.Parameter(torch.tensor(-10.0, device=model.device))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    parameters = [*siglip.parameters(), *head.parameters(), scale, bias]
+    parameters = [*siglip.parameters(), *text_tower.parameters(), *head.parameters(), scale, bias]
     image_size = config.vision_config.image_size
     height, width = config.input_grid[1:]
 
-    def loss_of(batch: list[int], rng: random.Random) -> torch.Tensor:
+    def loss_of(batch: list[int], rng: random.Random, mirror: bool = True) -> torch.Tensor:
+        if mirror and data.rerender:  # the first half and its mirrored twins, as TrainingData.batch
+            batch = batch[: max(len(batch) // 2, 1)]
         images = _axial_slices(data, batch, rng).to(model.device)
+        findings = [data.findings[i] for i in batch]
+        if mirror and data.rerender:
+            images = torch.cat([images, images.flip(LEFT_RIGHT_AXIS)])
+            findings += [mirrored(f) for f in findings]
+        reports = [render(f, rng) for f in findings] if data.rerender else [data.reports[i] for i in batch]
         if (height, width) != (image_size, image_size):
             images = F.interpolate(
                 images, size=(image_size, image_size), mode="bilinear", align_corners=False
@@ -442,16 +507,11 @@ def train_2d(model, data: TrainingData, settings: StageSettings, out_dir: Path, 
         images = ((images - config.pixel_mean) / config.pixel_std).expand(-1, 3, -1, -1)
         with _autocast(model.device):
             tokens = siglip(pixel_values=images).last_hidden_state.mean(1)
+            text = text_tower(reports)
         image_embedding = F.normalize(head(tokens.float()), dim=-1)
-        with torch.no_grad():
-            text = F.normalize(
-                model.report_embeddings([data.report_for(i, rng) for i in batch]).float(), dim=-1
-            )
-        logits = image_embedding @ text.T * scale.exp() + bias
+        logits = image_embedding @ F.normalize(text.float(), dim=-1).T * scale.exp() + bias
         # Identical findings are positives too: a control matches every control's report.
-        same = torch.tensor(
-            [[data.findings[i] == data.findings[j] for j in batch] for i in batch], device=logits.device
-        )
+        same = torch.tensor([[a == b for b in findings] for a in findings], device=logits.device)
         labels = same.float() * 2 - 1
         return -F.logsigmoid(labels * logits).sum() / len(batch)
 
@@ -459,10 +519,11 @@ def train_2d(model, data: TrainingData, settings: StageSettings, out_dir: Path, 
 
     def validate() -> dict[str, float]:
         val_rng = random.Random(seed + 2)
-        return {"val_loss": float(np.mean([float(loss_of(b, val_rng)) for b in val_batches]))}
+        return {"val_loss": float(np.mean([float(loss_of(b, val_rng, mirror=False)) for b in val_batches]))}
 
     def save_best(directory: Path) -> None:
         siglip.save_pretrained(directory)
+        text_tower.save_pretrained(directory / TEXT_TOWER_DIR)
 
     result = run_loop(
         "pretrain-2d",
@@ -474,23 +535,41 @@ def train_2d(model, data: TrainingData, settings: StageSettings, out_dir: Path, 
         settings,
         out_dir,
         seed,
-        [siglip, head],
-        {"siglip_2d": sum(p.numel() for p in siglip.parameters())},
+        [siglip, text_tower, head],
+        {
+            "siglip_2d_vision": sum(p.numel() for p in siglip.parameters()),
+            "siglip_2d_text": sum(p.numel() for p in text_tower.parameters()),
+        },
     )
-    best = SiglipVisionModel.from_pretrained(out_dir / "pretrain-2d" / "best").to(model.device)
+    best_dir = out_dir / "pretrain-2d" / "best"
+    best = SiglipVisionModel.from_pretrained(best_dir).to(model.device)
     model.vision = InflatedSiglipEncoder(config, best).to(model.device)
-    return result
+    return result, load_text_tower(out_dir, model)
+
+
+def load_text_tower(run_dir: Path, model) -> ReportTextTower | None:
+    """The 2D text tower (frozen), when ``pretrain-2d`` trained one in the run ``run_dir``."""
+    directory = run_dir / "pretrain-2d" / "best" / TEXT_TOWER_DIR
+    if not directory.exists():
+        return None
+    tower = ReportTextTower.from_pretrained(directory, model.tokenizer).to(model.device).eval()
+    tower.requires_grad_(False)
+    return tower
 
 
 def _findings_retrieval_accuracy(
-    model, data: TrainingData, batches: list[list[int]], rng: random.Random
+    model,
+    data: TrainingData,
+    batches: list[list[int]],
+    rng: random.Random,
+    embed_reports: Callable[[list[str]], torch.Tensor],
 ) -> float:
     """Top-1 volume-to-report retrieval within each batch, counted correct when the retrieved
     report states the same findings (controls share one meaning)."""
     correct = total = 0
     for batch in batches:
         visual = F.normalize(model.encode(_volumes(data, batch, model.device)).mean(1).float(), dim=-1)
-        text = F.normalize(model.report_embeddings([data.report_for(i, rng) for i in batch]).float(), dim=-1)
+        text = F.normalize(embed_reports([data.report_for(i, rng) for i in batch]).float(), dim=-1)
         best = (visual @ text.T).argmax(1).tolist()
         correct += sum(data.findings[batch[q]] == data.findings[batch[k]] for q, k in enumerate(best))
         total += len(batch)
@@ -505,8 +584,11 @@ def train_model_stage(
     out_dir: Path,
     seed: int,
     vision_in_lm: bool,
+    text_tower: ReportTextTower | None = None,
 ) -> StageResult:
-    """Stage 1 (``contrastive``), 2a (``projector``) or 2b (``lora``)."""
+    """Stage 1 (``contrastive``), 2a (``projector``) or 2b (``lora``).
+
+    Stage 1 embeds reports with ``text_tower`` where there is one, else with the frozen decoder."""
     if stage == "contrastive" and settings.micro_batch < 2:
         raise ValueError(
             "the contrastive stage needs a micro-batch of at least 2: the other studies of a batch "
@@ -525,12 +607,17 @@ def train_model_stage(
     counts["trainable"] = sum(p.numel() for p in parameters)
     print(f"stage {stage}: trains {counts}")
     device = model.device
+    embed_reports = text_tower or model.report_embeddings
+    if stage == "contrastive":
+        print(
+            f"stage contrastive: reports embedded by {'the 2D text tower' if text_tower else 'the decoder'}"
+        )
 
     def loss_of(batch: list[int], rng: random.Random, mirror: bool = True) -> torch.Tensor:
         volumes, reports = data.batch(batch, rng, device, mirror=mirror)
         with _autocast(device):
             if stage == "contrastive":
-                return model.contrastive_loss(volumes, reports)
+                return model.contrastive_loss(volumes, reports, embed_reports)
             return model.language_modeling_loss(volumes, reports)
 
     val_batches = _validation_batches(data, max(settings.micro_batch, 2))
@@ -540,7 +627,9 @@ def train_model_stage(
         losses = [float(loss_of(b, val_rng, mirror=False)) for b in val_batches]
         metrics = {"val_loss": float(np.mean(losses))}
         if stage == "contrastive":
-            metrics["retrieval_accuracy"] = _findings_retrieval_accuracy(model, data, val_batches, val_rng)
+            metrics["retrieval_accuracy"] = _findings_retrieval_accuracy(
+                model, data, val_batches, val_rng, embed_reports
+            )
         return metrics
 
     result = run_loop(
@@ -609,16 +698,20 @@ def train_pipeline(
     schedule: dict[str, StageSettings] | None = None,
     vision_in_lm: bool = True,
     device: str = "cpu",
+    pretrained_2d_run: Path | None = None,
 ):
     """Run ``stages`` in order, each starting from the previous one's best checkpoint.
 
-    Writes ``<out>/<stage>/`` per stage and the final model to ``<out>/final``; returns it."""
+    Stage 1 embeds reports with the text tower of ``pretrain-2d`` in ``pretrained_2d_run``
+    (default: this run) where there is one. Writes ``<out>/<stage>/`` per stage and the final
+    model to ``<out>/final``; returns it."""
     from inference.modeling_brain3d import Brain3D
 
     schedule = schedule or DEMO_SCHEDULE
     out_dir.mkdir(parents=True, exist_ok=True)
     model = Brain3D.from_pretrained(init) if init else build_model(preset, data, seed)
     model = model.to(device)
+    text_tower = load_text_tower(pretrained_2d_run or out_dir, model)
     results = []
     for stage in stages:
         if stage not in STAGES:
@@ -627,9 +720,9 @@ def train_pipeline(
         if stage == "pretrain-text":
             result = train_text(model, data, settings, out_dir, seed)
         elif stage == "pretrain-2d":
-            result = train_2d(model, data, settings, out_dir, seed)
+            result, text_tower = train_2d(model, data, settings, out_dir, seed)
         else:
-            result = train_model_stage(model, stage, data, settings, out_dir, seed, vision_in_lm)
+            result = train_model_stage(model, stage, data, settings, out_dir, seed, vision_in_lm, text_tower)
         results.append(result)
         if stage == "pretrain-2d":
             model.save_pretrained(out_dir / stage / "inflated")

@@ -81,6 +81,16 @@ def _grid(model: Brain3D, tokens: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(tokens.shape[0], *model.config.compressor_grid, tokens.shape[-1])
 
 
+def _pooled_and_difference(config: Brain3DConfig, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Written here from the definition: the pooled grid ``(B, d, h, w, C)`` and the left-half
+    mean minus the right-half mean of its columns, broadcastable to it."""
+    grid = tokens.reshape(tokens.shape[0], *config.token_grid, tokens.shape[-1])
+    pooled = F.adaptive_avg_pool3d(grid.permute(0, 4, 1, 2, 3), config.compressor_grid).permute(0, 2, 3, 4, 1)
+    half = config.compressor_grid[2] // 2
+    difference = pooled[:, :, :, :half].mean((1, 2, 3)) - pooled[:, :, :, -half:].mean((1, 2, 3))
+    return pooled, difference[:, None, None, None, :]
+
+
 def test_5_mirrored_volume_compresses_to_mirrored_tokens() -> None:
     config = tiny_config(compressor_grid=[2, 3, 3])  # 6 -> 3 along width
     model, _ = _model_with_2d_twin(config)
@@ -94,10 +104,16 @@ def test_5_mirrored_volume_compresses_to_mirrored_tokens() -> None:
         .repeat_interleave(patch, 4)
     )
     with torch.no_grad():
-        tokens = _grid(model, model.compressor(model.encode_tokens(volume)))
+        encoded = model.encode_tokens(volume)
+        tokens = _grid(model, model.compressor(encoded))
         mirrored = _grid(model, model.compressor(model.encode_tokens(volume.flip(LEFT_RIGHT_AXIS))))
-    torch.testing.assert_close(mirrored, tokens.flip(3), atol=1e-5, rtol=0)
-    assert (tokens - tokens.flip(3)).abs().max() > 1e-3  # the test volume is not itself symmetric
+    pooled, difference = _pooled_and_difference(model.config, encoded)
+    difference = difference * model.compressor.difference_gain.detach()
+    torch.testing.assert_close(tokens, pooled + difference, atol=1e-5, rtol=0)
+    # Mirroring mirrors the pooled tokens and negates the hemispheric difference added to each.
+    torch.testing.assert_close(mirrored, pooled.flip(3) - difference, atol=1e-5, rtol=0)
+    assert (pooled - pooled.flip(3)).abs().max() > 1e-3  # the test volume is not itself symmetric
+    assert difference.abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("output_grid", [[2, 2, 2], [3, 4, 5], [1, 5, 3]])
@@ -107,9 +123,17 @@ def test_5_compressor_commutes_with_left_right_mirroring_for_uneven_windows(outp
     width = config.vision_config.hidden_size
     tokens = torch.randn(2, *config.token_grid, width, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        pooled = compressor(tokens.flatten(1, 3)).reshape(2, *output_grid, width)
-        pooled_mirror = compressor(tokens.flip(3).flatten(1, 3)).reshape(2, *output_grid, width)
-    torch.testing.assert_close(pooled_mirror, pooled.flip(3), atol=1e-6, rtol=0)
+        compressed = compressor(tokens.flatten(1, 3)).reshape(2, *output_grid, width)
+        compressed_mirror = compressor(tokens.flip(3).flatten(1, 3)).reshape(2, *output_grid, width)
+    pooled, difference = _pooled_and_difference(config, tokens.flatten(1, 3))
+    difference = difference * compressor.difference_gain.detach()
+    torch.testing.assert_close(compressed, pooled + difference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compressed_mirror, pooled.flip(3) - difference, atol=1e-5, rtol=0)
+
+
+def test_a_compressor_without_two_columns_has_no_hemispheres() -> None:
+    with pytest.raises(ValueError, match="at least 2 columns"):
+        SpatialCompressor(tiny_config(compressor_grid=[2, 3, 1]))
 
 
 def _head_with_lesion(config: Brain3DConfig, side: str) -> torch.Tensor:

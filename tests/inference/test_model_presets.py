@@ -93,3 +93,24 @@ def test_medgemma_4b_on_the_meta_device_matches_the_real_models_size() -> None:
     assert sum(p.numel() for _, p in groups["language_model"]) == _gemma3_4b_text_parameters()
     # rank 16 on q/k/v/o of 34 layers: 16 x (in + out) per projection
     assert lora == 34 * 16 * ((2560 + 2048) * 2 + (2560 + 1024) * 2)
+
+
+@pytest.mark.parametrize("preset", ["demo", "medgemma-4b"])
+def test_every_layer_lets_the_whole_report_see_every_visual_token(preset: str) -> None:
+    """Gemma 3's local layers attend within a sliding window; it must span the prefix and the
+    longest report, or the report's words could not look at the first (inferior) visual tokens."""
+    config = Brain3DConfig.from_preset(preset)
+    instruction_allowance = 64  # BOS, chat turn markers and the instruction, in any tokenizer here
+    sequence = (
+        config.num_soft_prompts + config.num_visual_tokens + instruction_allowance + config.max_new_tokens
+    )
+    assert config.text_config.sliding_window >= sequence
+
+
+def test_the_instruction_allowance_covers_the_demo_tokenizer() -> None:
+    from inference.modeling_brain3d import SequenceLayout
+    from worker.inference import DEMO_CHECKPOINT
+
+    model = Brain3D.from_pretrained(DEMO_CHECKPOINT)
+    layout = SequenceLayout(model.tokenizer, model.config.instruction)
+    assert len(layout.head_ids) + len(layout.tail_ids) <= 64
