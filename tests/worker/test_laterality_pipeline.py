@@ -136,11 +136,6 @@ def test_the_model_input_is_the_patient_not_its_mirror_in_every_geometry(variant
         assert same > 0.75 and same > flipped + 0.02
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the committed demo checkpoint (v2) lateralises only in part: laterality error 0.25 on 200 "
-    "fresh synthetic cases (docs/results.md); strict, so a checkpoint that passes must drop this mark",
-)
 def test_the_demo_model_reports_the_true_side_in_every_geometry(model, tmp_path):
     """Text side = SR coded side = truth for left and right lesions in every geometry, and the
     opposite side for mirrored pixels under unchanged headers."""
