@@ -612,9 +612,10 @@ class Ingest:
         series_values["last_received_at"] = max(
             received_at, series_values.get("last_received_at", received_at)
         )
-        expected = headers.expected_instances_with(self.count_rules)
-        if series.expected_instances is None and expected is not None:
-            series.expected_instances = series_values["expected_instances"] = expected
+        if series.expected_instances is None:  # rules are matched only while the count is unknown
+            expected = headers.expected_instances_with(self.count_rules)
+            if expected is not None:
+                series.expected_instances = series_values["expected_instances"] = expected
         reopened = series.state == SeriesState.COMPLETE
         if reopened:
             # New content after hand-off: the series is processed again, never silently dropped.

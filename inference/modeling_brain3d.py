@@ -592,8 +592,9 @@ class Brain3D(nn.Module):
                 f"{volumes.shape[0]} volumes and {len(report_texts)} reports"
             )
         visual = F.normalize(self.encode(volumes).mean(dim=1).float(), dim=-1)
+        embed = self.report_embeddings if embed_reports is None else embed_reports
         with torch.no_grad():
-            text = F.normalize((embed_reports or self.report_embeddings)(report_texts).float(), dim=-1)
+            text = F.normalize(embed(report_texts).float(), dim=-1)
         logits = visual @ text.T / self.config.contrastive_temperature
         targets = torch.arange(len(report_texts), device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

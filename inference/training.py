@@ -88,12 +88,16 @@ class TrainingData:
         the one thing that changes."""
         if not (mirror and self.rerender):
             return self.volumes[batch].to(device), [self.report_for(i, rng) for i in batch]
-        originals = batch[: max(len(batch) // 2, 1)]
+        originals, findings = self.twins(batch)
         volumes = self.volumes[originals].to(device)
         volumes = torch.cat([volumes, volumes.flip(LEFT_RIGHT_AXIS)])
+        return volumes, [render(f, rng) for f in findings]
+
+    def twins(self, batch: list[int]) -> tuple[list[int], list[Findings]]:
+        """The first half of ``batch``, and the findings of it followed by those of its mirrors."""
+        originals = batch[: max(len(batch) // 2, 1)]
         findings = [self.findings[i] for i in originals]
-        reports = [render(f, rng) for f in findings] + [render(mirrored(f), rng) for f in findings]
-        return volumes, reports
+        return originals, findings + [mirrored(f) for f in findings]
 
     def indices(self, split: str) -> list[int]:
         return [i for i, s in enumerate(self.splits) if s == split]
@@ -492,13 +496,13 @@ def train_2d(
     height, width = config.input_grid[1:]
 
     def loss_of(batch: list[int], rng: random.Random, mirror: bool = True) -> torch.Tensor:
-        if mirror and data.rerender:  # the first half and its mirrored twins, as TrainingData.batch
-            batch = batch[: max(len(batch) // 2, 1)]
-        images = _axial_slices(data, batch, rng).to(model.device)
-        findings = [data.findings[i] for i in batch]
         if mirror and data.rerender:
+            batch, findings = data.twins(batch)
+            images = _axial_slices(data, batch, rng).to(model.device)
             images = torch.cat([images, images.flip(LEFT_RIGHT_AXIS)])
-            findings += [mirrored(f) for f in findings]
+        else:
+            findings = [data.findings[i] for i in batch]
+            images = _axial_slices(data, batch, rng).to(model.device)
         reports = [render(f, rng) for f in findings] if data.rerender else [data.reports[i] for i in batch]
         if (height, width) != (image_size, image_size):
             images = F.interpolate(
@@ -607,11 +611,10 @@ def train_model_stage(
     counts["trainable"] = sum(p.numel() for p in parameters)
     print(f"stage {stage}: trains {counts}")
     device = model.device
-    embed_reports = text_tower or model.report_embeddings
+    embed_reports = model.report_embeddings if text_tower is None else text_tower
     if stage == "contrastive":
-        print(
-            f"stage contrastive: reports embedded by {'the 2D text tower' if text_tower else 'the decoder'}"
-        )
+        source = "the decoder" if text_tower is None else "the 2D text tower"
+        print(f"stage contrastive: reports embedded by {source}")
 
     def loss_of(batch: list[int], rng: random.Random, mirror: bool = True) -> torch.Tensor:
         volumes, reports = data.batch(batch, rng, device, mirror=mirror)
