@@ -3,9 +3,12 @@
 Each repeat sends the same generated 256x256 MR series (its own copy, with its own UIDs,
 per sender) with 1 and then N concurrent dcmtk ``storescu`` senders to each peer in turn,
 so that the peers of one repeat see the same machine load, and reports instances per
-second received, the ratios to both peers, the CPU milliseconds per instance of serve and
-the bare handler, and finally the median ratios of the repeats. Every peer and sender
-gets ``TCP_NODELAY=1``: Debian's dcmtk stalls about 40 ms per instance without it.
+second received, the ratios to both peers, the CPU milliseconds per instance of serve
+(its whole process tree, receiver processes included) and the bare handler, and finally
+the median ratios of the repeats. ``brain3d serve`` runs twice: with its default receiver
+processes and with ``node.receiver_processes = 0`` (every association in the node
+process, as the bare handler). Every peer and sender gets ``TCP_NODELAY=1``: Debian's
+dcmtk stalls about 40 ms per instance without it.
 
     python benchmarks/ingest.py --instances 300 --senders 1 4 --repeats 3
     python benchmarks/ingest.py --profile [--clock wall]   # where serve's time goes (yappi)
@@ -112,13 +115,15 @@ def bare_scp(port: int, out: Path) -> None:
     server.shutdown()
 
 
-def write_node_config(root: Path, port: int) -> Path:
+def write_node_config(root: Path, port: int, receiver_processes: int | None = None) -> Path:
+    """Embedded defaults in ``root``; ``receiver_processes`` None keeps the node's default."""
+    receivers = "" if receiver_processes is None else f"receiver_processes = {receiver_processes}\n"
     config = root / "brain3d.toml"
     config.write_text(
         f"""[node]
 host = "127.0.0.1"
 port = {port}
-[storage]
+{receivers}[storage]
 spool_dir = "{root / "spool"}"
 min_free_bytes = 0
 [database]
@@ -135,9 +140,22 @@ stable_seconds = 30
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process, all its threads (Linux /proc)."""
+    """User + system CPU seconds of a running process and its live descendants (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return own + sum(cpu_seconds(child) for child in children)
+
+
+SERVE = "brain3d serve"
+SERVE_IN_PROCESS = "serve, 0 receivers"
+BARE = "bare pynetdicom"
+STORESCP = "storescp --fork"
+PEERS = [SERVE, SERVE_IN_PROCESS, BARE, STORESCP]
 
 
 @contextmanager
@@ -145,9 +163,11 @@ def peer(kind: str, root: Path) -> Iterator[tuple[int, int]]:
     """Start one receiver in a fresh folder; yield its port and process id; stop it by that id."""
     root.mkdir(parents=True)
     port = free_port()
-    if kind == "brain3d serve":
+    if kind == SERVE:
         command = [BRAIN3D, "serve", "--config", str(write_node_config(root, port))]
-    elif kind == "bare pynetdicom":
+    elif kind == SERVE_IN_PROCESS:
+        command = [BRAIN3D, "serve", "--config", str(write_node_config(root, port, receiver_processes=0))]
+    elif kind == BARE:
         command = [sys.executable, __file__, "--bare-scp", str(port), str(root / "out")]
     else:
         (root / "out").mkdir()
@@ -156,7 +176,7 @@ def peer(kind: str, root: Path) -> Iterator[tuple[int, int]]:
         process = subprocess.Popen(command, cwd=root, env=NODELAY, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port)
-        if kind == "brain3d serve":
+        if kind in (SERVE, SERVE_IN_PROCESS):
             while b"node ready" not in (root / "peer.log").read_bytes():
                 time.sleep(0.05)
         yield port, process.pid
@@ -166,7 +186,7 @@ def peer(kind: str, root: Path) -> Iterator[tuple[int, int]]:
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
-        if kind == "storescp --fork":
+        if kind == STORESCP:
             time.sleep(0.5)  # forked children end with their associations
 
 
@@ -191,45 +211,51 @@ def send(port: int, folders: list[Path]) -> float:
 
 def benchmark(work: Path, instances: int, size: int, sender_counts: list[int], repeats: int) -> None:
     """Interleave the peers in each repeat (so they see the same machine load); print median ratios."""
-    kinds = ["brain3d serve", "bare pynetdicom", "storescp --fork"]
     most = max(sender_counts)
     folders = [work / "input" / f"sender{n}" for n in range(most)]
     for n, folder in enumerate(folders):
         write_series(folder, instances, size, seed=n)
     print(f"{instances} instances of {size}x{size} per sender; {repeats} repeats; TCP_NODELAY=1")
-    header = " | ".join(f"{kind:>16}" for kind in kinds)
+    header = " | ".join(f"{kind:>18}" for kind in PEERS)
     print(
-        f"{'repeat':>6} | {'load':>4} | {'senders':>7} | {header} | serve/bare | serve/storescp"
-        " | CPU ms/instance serve / bare"
+        f"{'repeat':>6} | {'load':>4} | {'senders':>7} | {header} | serve/bare | 0 receivers/bare"
+        " | serve/storescp | CPU ms/instance serve / 0 receivers / bare"
     )
-    ratios: dict[int, list[tuple[float, float]]] = {senders: [] for senders in sender_counts}
+    ratios: dict[int, list[tuple[float, float, float]]] = {senders: [] for senders in sender_counts}
     for attempt in range(repeats):
         for senders in sender_counts:
             load = os.getloadavg()[0]
             rates, cpu_ms = {}, {}
-            for kind in kinds:
-                root = work / f"{kind.split()[0]}-{senders}-{attempt}"
+            for number, kind in enumerate(PEERS):
+                root = work / f"peer{number}-{senders}-{attempt}"
                 with peer(kind, root) as (port, pid):
                     cpu_before = cpu_seconds(pid)
                     seconds = send(port, folders[:senders])
-                    # storescp --fork works in forked children: its own CPU says nothing
+                    # storescp --fork works in children that have ended by now: its CPU says nothing
                     cpu_ms[kind] = 1e3 * (cpu_seconds(pid) - cpu_before) / (senders * instances)
                 rates[kind] = senders * instances / seconds
                 shutil.rmtree(root)
-            serve, bare, dcmtk = (rates[kind] for kind in kinds)
-            ratios[senders].append((serve / bare, serve / dcmtk))
-            cells = " | ".join(f"{rates[kind]:>12.0f} i/s" for kind in kinds)
-            cpu = f"{cpu_ms['brain3d serve']:.2f} / {cpu_ms['bare pynetdicom']:.2f}"
+            row = (
+                rates[SERVE] / rates[BARE],
+                rates[SERVE_IN_PROCESS] / rates[BARE],
+                rates[SERVE] / rates[STORESCP],
+            )
+            ratios[senders].append(row)
+            cells = " | ".join(f"{rates[kind]:>14.0f} i/s" for kind in PEERS)
+            cpu = " / ".join(f"{cpu_ms[kind]:.2f}" for kind in (SERVE, SERVE_IN_PROCESS, BARE))
             print(
-                f"{attempt + 1:>6} | {load:>4.1f} | {senders:>7} | {cells} | {serve / bare:>10.2f} |"
-                f" {serve / dcmtk:>14.2f} | {cpu:>13}",
+                f"{attempt + 1:>6} | {load:>4.1f} | {senders:>7} | {cells} | {row[0]:>10.2f} |"
+                f" {row[1]:>16.2f} | {row[2]:>14.2f} | {cpu}",
                 flush=True,
             )
-    for senders, pairs in ratios.items():
-        to_bare = statistics.median(pair[0] for pair in pairs)
-        to_storescp = statistics.median(pair[1] for pair in pairs)
-        summary = f"serve/bare {to_bare:.2f}, serve/storescp {to_storescp:.2f}"
-        print(f"median of {repeats}, {senders} senders: {summary}")
+    for senders, rows in ratios.items():
+        to_bare, in_process_to_bare, to_storescp = (
+            statistics.median(column) for column in zip(*rows, strict=True)
+        )
+        print(
+            f"median of {repeats}, {senders} senders: serve/bare {to_bare:.2f},"
+            f" serve with 0 receivers/bare {in_process_to_bare:.2f}, serve/storescp {to_storescp:.2f}"
+        )
 
 
 def profile(work: Path, instances: int, size: int, senders: int, top: int, clock: str) -> None:
@@ -253,7 +279,8 @@ def profile(work: Path, instances: int, size: int, senders: int, top: int, clock
     logging.basicConfig(level=logging.WARNING)
     os.environ["BRAIN3D_DATABASE__AUDIT_KEY"] = "benchmark-audit-key-0123456789"
     root.mkdir(parents=True)
-    node = NodeServer(load_settings(write_node_config(root, port)))
+    # receiver_processes = 0: associations in this process, where yappi sees them
+    node = NodeServer(load_settings(write_node_config(root, port, receiver_processes=0)))
     node.start()
     yappi.set_clock_type(clock)
     yappi.start()

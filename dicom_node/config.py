@@ -44,7 +44,12 @@ class NodeSettings(_Section):
     allowed_calling_aes: list[str] = Field(
         default_factory=list, description="Calling AE titles accepted; empty accepts any."
     )
-    max_associations: int = Field(25, ge=1)
+    max_associations: int = Field(25, ge=1, description="Simultaneous associations per receiver process.")
+    receiver_processes: int = Field(
+        2,
+        ge=0,
+        description="Processes accepting associations on the port; 0 receives in the node process.",
+    )
     max_pdu_size: int = Field(0, ge=0, description="0 means unlimited, as large PDUs are fastest.")
 
     @field_validator("ae_title")

@@ -6,25 +6,37 @@ C-STORE is written without decoding (file meta + the peer's bytes), and 0x0000 i
 answered only once the file is durable and its SQL row committed. Calling AEs outside
 the allowlist are rejected at association time and audited as security alerts; each
 accepted association gets one 110104 "instances transferred" audit event when it ends.
+
+The SCP accepts on a listening socket made by ``listen`` (the node binds the port once and
+may share the socket with several receiver processes, ``dicom_node.receivers``), and keeps
+its SQL rows and audit events behind two small interfaces, ``InstanceBookkeeping`` and
+``AuditRecorder``: in the node process they are the ``Ingest`` and the ``AuditTrail``, in a
+receiver process proxies that forward each call to the node process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import socketserver
 import threading
 import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.audit import AuditTrail, EventID, EventTypeCode, Outcome, Participant, Role
+from dicom_node.audit import Action, EventID, EventTypeCode, Outcome, Participant, Role
 from dicom_node.config import NodeSettings, StorageSettings
-from dicom_node.ingest import Ingest, InstanceOutcome, MalformedDatasetError, read_headers
-from dicom_node.spool import Spool, UnsafeUIDError, file_meta_bytes
+from dicom_node.ingest import InstanceHeaders, InstanceOutcome, MalformedDatasetError, read_headers
+from dicom_node.spool import Spool, SpooledInstance, UnsafeUIDError, file_meta_bytes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,104 @@ STATUS_PROCESSING_FAILURE = 0xC211
 # Private and retired storage SOP classes forwarded by a PACS are accepted too: a
 # whole-study forward that gets one object rejected is a failed forward.
 _config.UNRESTRICTED_STORAGE_SERVICE = True
+
+
+LISTEN_BACKLOG = 128
+
+
+class InstanceBookkeeping(Protocol):
+    """The SQL rows the SCP writes (``dicom_node.ingest.Ingest`` or a receiver's proxy of it).
+
+    Each future resolves once its rows are committed.
+    """
+
+    def open_association(self, calling_ae: str, called_ae: str, address: str, port: int) -> Future[int]: ...
+
+    def close_association(
+        self, association_id: int, outcome: str, stored: int, duplicate: int, failed: int
+    ) -> Future[None]: ...
+
+    def record_rejected_association(
+        self, calling_ae: str, called_ae: str, address: str, port: int
+    ) -> Future[int]: ...
+
+    def record_instance(
+        self,
+        headers: InstanceHeaders,
+        spooled: SpooledInstance,
+        *,
+        transfer_syntax_uid: str,
+        association_id: int | None,
+        received_at: datetime,
+    ) -> Future[InstanceOutcome]: ...
+
+
+class AuditRecorder(Protocol):
+    """Appends audit events (``dicom_node.audit.AuditTrail`` or a receiver's proxy of it)."""
+
+    def record(
+        self,
+        event_id: EventID | str,
+        outcome: Outcome | int,
+        *,
+        action: Action | str = ...,
+        event_type: EventTypeCode | str | None = ...,
+        participants: Iterable[Participant] = ...,
+        study_uid: str | None = ...,
+        series_uid: str | None = ...,
+        job_id: int | None = ...,
+        detail: Mapping[str, Any] | None = ...,
+    ) -> object: ...
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on the node's port; one socket, however many processes accept on it.
+
+    Non-blocking, so that of several processes woken by one connection the ones that lose
+    the race to ``accept`` go back to waiting instead of blocking in it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(LISTEN_BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+class SharedSocketAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server, accepting on a socket made by ``listen``."""
+
+    def __init__(self, *args: Any, listener: socket.socket, **kwargs: Any) -> None:
+        self._listener = listener
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the unbound socket socketserver made; the listener replaces it
+        self.socket = self._listener
+        self.server_address = self._listener.getsockname()
+
+    def server_activate(self) -> None:
+        """Listening already."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        client.setblocking(True)  # pynetdicom's association socket expects a blocking one
+        return client, address
+
+    def server_close(self) -> None:
+        # Close only this process's descriptor: shutdown() would stop every process accepting on it.
+        self.socket.close()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop and close the descriptor (pynetdicom's also unregisters from its AE,
+        which never registered this server)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 @dataclass
@@ -64,15 +174,15 @@ class StorageSCP:
         node: NodeSettings,
         storage: StorageSettings,
         spool: Spool,
-        ingest: Ingest,
-        audit: AuditTrail,
+        ingest: InstanceBookkeeping,
+        audit: AuditRecorder,
     ) -> None:
         self.node = node
         self.storage = storage
         self.spool = spool
         self.ingest = ingest
         self.audit = audit
-        self._server: ThreadedAssociationServer | None = None
+        self._server: SharedSocketAssociationServer | None = None
         self._associations: dict[int, AssociationLog] = {}
         self._lock = threading.Lock()
         self.ae = self._make_ae()
@@ -94,7 +204,8 @@ class StorageSCP:
         assert self._server is not None, "not started"
         return int(self._server.server_address[1])
 
-    def start(self) -> None:
+    def start(self, listener: socket.socket) -> None:
+        """Serve associations accepted on ``listener`` (from ``listen``) in a background thread."""
         handlers = [
             (evt.EVT_C_ECHO, lambda _event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
@@ -103,9 +214,14 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
-        self._server = self.ae.start_server(
-            (self.node.host, self.node.port), block=False, evt_handlers=handlers
+        server = self.ae.make_server(
+            listener.getsockname(),
+            evt_handlers=handlers,
+            server_class=SharedSocketAssociationServer,
+            listener=listener,
         )
+        threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
+        self._server = server
         log.info("Storage SCP %s listening on %s:%d", self.node.ae_title, self.node.host, self.port)
 
     def stop(self, grace_seconds: float = 10.0) -> None:
@@ -126,7 +242,13 @@ class StorageSCP:
     def _participants(self, calling_ae: str, address: str) -> list[Participant]:
         return [
             Participant(Role.SOURCE, ae_title=calling_ae, network_address=address, requestor=True),
-            Participant(Role.DESTINATION, ae_title=self.node.ae_title, network_address=self.node.host),
+            # The receiving process's id as the destination's UserID (PS3.15 A.5.3 for a process).
+            Participant(
+                Role.DESTINATION,
+                ae_title=self.node.ae_title,
+                network_address=self.node.host,
+                user_id=str(os.getpid()),
+            ),
         ]
 
     def _audit(self, event_id: EventID, outcome: Outcome, **kwargs: object) -> None:

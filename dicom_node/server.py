@@ -2,8 +2,10 @@
 
 Start order makes restarts safe: migrate, clear unacknowledged temporary files, rebuild
 open series and their timers from SQL, re-send jobs whose message never reached the
-broker, and only then accept associations. SIGTERM / SIGINT stop accepting, let running
-associations finish (a bounded grace), flush the SQL writer and audit the stop.
+broker, and only then accept associations: in ``node.receiver_processes`` receiver
+processes sharing the port (``dicom_node.receivers``), or with 0 in this process.
+SIGTERM / SIGINT stop accepting, let running associations finish (a bounded grace),
+flush the SQL writer and audit the stop.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from dicom_node.db.migrate import upgrade
 from dicom_node.db.session import Database
 from dicom_node.handoff import HandOff
 from dicom_node.ingest import Ingest
+from dicom_node.receivers import ReceiverPool
 from dicom_node.retention import Retention
-from dicom_node.scp import StorageSCP
+from dicom_node.scp import StorageSCP, listen
 from dicom_node.spool import Spool
 from worker.app import create_app
 
@@ -72,9 +75,20 @@ class NodeServer:
         self._retention_thread = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         self._retention_thread.start()
 
-        self.scp = StorageSCP(settings.node, settings.storage, self.spool, self.ingest, self.audit)
-        self.scp.start()
+        listener = listen(settings.node.host, settings.node.port)
+        if settings.node.receiver_processes:
+            self.receivers: ReceiverPool | StorageSCP = ReceiverPool(
+                settings.node, settings.storage, self.ingest, self.audit, listener, SHUTDOWN_GRACE_SECONDS
+            )
+            self.receivers.start()
+        else:
+            self.receivers = StorageSCP(settings.node, settings.storage, self.spool, self.ingest, self.audit)
+            self.receivers.start(listener)
         self._audit_activity(EventTypeCode.APPLICATION_START)
+
+    @property
+    def port(self) -> int:
+        return self.receivers.port
 
     def _audit_activity(self, event_type: EventTypeCode) -> None:
         self.audit.record(
@@ -102,7 +116,7 @@ class NodeServer:
     def stop(self) -> None:
         """Stop accepting, drain, flush SQL, audit the stop."""
         self._stopped.set()
-        self.scp.stop(SHUTDOWN_GRACE_SECONDS)
+        self.receivers.stop(SHUTDOWN_GRACE_SECONDS)
         self.tracker.stop()
         self.ingest.stop()
         self._audit_activity(EventTypeCode.APPLICATION_STOP)

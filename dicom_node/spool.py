@@ -8,10 +8,17 @@ system merges them into shared journal commits) instead of queueing in the SQL w
 and a row is only ever written for a file already durable. A SOP Instance UID already
 stored with the same dataset bytes is not written again; different bytes under the
 same UID are kept beside the first file under a content-hash suffix.
+
+Several processes write one spool (the node's receiver processes and its retention), so
+the check-and-rename of a series and the removal of its folder are serialised by a lock
+that holds across processes: a thread lock plus ``flock`` on one of the stripe files in
+``spool/.locks``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import os
@@ -19,12 +26,15 @@ import re
 import shutil
 import threading
 import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 INCOMING_DIR = ".incoming"
+LOCKS_DIR = ".locks"
 PREAMBLE_AND_PREFIX = 132
 # (0002,0000) UL group length in explicit VR little endian: tag, VR, 2-byte length, 4-byte value.
 _GROUP_LENGTH_ELEMENT = b"\x02\x00\x00\x00UL\x04\x00"
@@ -144,6 +154,9 @@ class Spool:
         self.incoming = self.root / INCOMING_DIR
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._lock_files = self.root / LOCKS_DIR
+        self._lock_files.mkdir(exist_ok=True)
+        self._lock_descriptors: dict[int, int] = {}
         # Series folders known to exist (created or seen here; remove_series forgets them).
         self._known_dirs: set[Path] = set()
         self._temporary_names = itertools.count()
@@ -179,8 +192,24 @@ class Spool:
         with self._free_lock:
             self._stored_since_measure += size
 
-    def _lock(self, series_uid: str) -> threading.Lock:
-        return self._locks[hash(series_uid) % _LOCK_STRIPES]
+    @contextlib.contextmanager
+    def _lock(self, series_uid: str) -> Iterator[None]:
+        """Exclusive use of the series' stripe, against threads and other processes alike.
+
+        The stripe comes from a stable hash (``hash`` of a str differs between processes);
+        ``flock`` does not exclude threads sharing a descriptor, hence the thread lock too.
+        """
+        stripe = zlib.crc32(series_uid.encode()) % _LOCK_STRIPES
+        with self._locks[stripe]:
+            descriptor = self._lock_descriptors.get(stripe)
+            if descriptor is None:
+                descriptor = os.open(self._lock_files / f"{stripe:02d}", os.O_RDWR | os.O_CREAT, 0o600)
+                self._lock_descriptors[stripe] = descriptor
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
 
     def _make_series_dir(self, folder: Path) -> None:
         """Create the series folder and make its (possibly new) parents' entries durable."""

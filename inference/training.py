@@ -250,31 +250,35 @@ def run_loop(
     steps_per_epoch = max(len(train_indices) // (settings.micro_batch * settings.accumulation), 1)
     total_steps = steps_per_epoch * settings.max_epochs
     warmup = min(50, total_steps // 10 + 1)
+    budget = max(settings.minutes * 60, 1e-6)
 
     def learning_rate_factor(step: int) -> float:
+        """Linear warmup, then cosine decay to 0.1 over whichever bound ends the stage first:
+        the epochs or the time budget (a budget-bound stage still anneals before it stops)."""
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(step / max(total_steps, 1), 1.0)
+        elapsed = time.perf_counter() - started
+        progress = min(max(step / max(total_steps, 1), elapsed / budget), 1.0)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
     state = {"step": 0, "elapsed": 0.0, "best": math.inf, "log": []}
     last = stage_dir / "last.pt"
     _seed_everything(seed)
-    if last.exists():
-        saved = torch.load(last, weights_only=False)
+    saved = torch.load(last, weights_only=False) if last.exists() else None
+    if saved is not None:
+        state = saved["state"]
+    started = time.perf_counter() - state["elapsed"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+    if saved is not None:
         for module, module_state in zip(modules, saved["modules"], strict=True):
             module.load_state_dict(module_state)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
         random.setstate(saved["python_rng"])
         np.random.set_state(saved["numpy_rng"])
         torch.set_rng_state(saved["torch_rng"])
         logger.info("resuming stage %s at step %d", stage, state["step"])
     rng = random.Random(seed + state["step"])
-    budget = settings.minutes * 60
-    started = time.perf_counter() - state["elapsed"]
     progress = tqdm(total=total_steps, initial=state["step"], desc=stage, leave=False)
 
     def checkpoint() -> None:

@@ -68,6 +68,7 @@ class NodeProcess:
         port: int | None = None,
         min_free_bytes: int = 0,
         count_rules: Iterable[dict[str, Any]] = (),
+        receiver_processes: int | None = None,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -76,14 +77,17 @@ class NodeProcess:
         self.broker_url = broker_url or f"sqla+sqlite:///{root / 'broker.db'}"
         self.spool_dir = root / "spool"
         self.log_path = root / "serve.log"
+        node: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "allowed_calling_aes": list(allowed_calling_aes),
+        }
+        if receiver_processes is not None:
+            node["receiver_processes"] = receiver_processes
         self.config = write_config(
             root / "brain3d.toml",
             {
-                "node": {
-                    "host": "127.0.0.1",
-                    "port": self.port,
-                    "allowed_calling_aes": list(allowed_calling_aes),
-                },
+                "node": node,
                 "storage": {"spool_dir": str(self.spool_dir), "min_free_bytes": min_free_bytes},
                 "database": {"url": self.database_url, "audit_key_file": str(root / "audit.key")},
                 "queue": {
@@ -147,6 +151,15 @@ class NodeProcess:
             self.process.kill()
             self.process.wait(10)
 
+    def receiver_pids(self) -> list[int]:
+        """Process ids of the node's receiver processes (its children running ``run_receiver``)."""
+        assert self.process is not None
+        return [
+            pid
+            for pid in child_pids(self.process.pid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()  # not the resource tracker
+        ]
+
     def database(self) -> Database:
         return Database(self.database_url)
 
@@ -158,6 +171,14 @@ class NodeProcess:
             self.stop()
         finally:
             self.kill()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux ``/proc``)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(child) for child in task.read_text().split()]
+    return sorted(children)
 
 
 def storescu(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,35 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path) -> N
     assert result.steps == 24  # 3 epochs of 8 steps in all
     assert len(seen_steps) == 24 - saved_step  # only the remaining steps ran
     assert not (tmp_path / "toy" / "last.pt").exists()
+
+
+def test_a_stage_ended_by_its_time_budget_has_annealed_its_learning_rate(tmp_path: Path) -> None:
+    """The cosine decay follows the time budget when it ends the stage before the epochs do:
+    the last steps run near the floor (0.1x), not at the peak a step-count schedule would still be at."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 1)
+    inputs, targets = torch.randn(32, 3), torch.randn(32, 1)
+
+    def slow_loss(batch: list[int], rng: random.Random) -> torch.Tensor:
+        time.sleep(0.02)
+        return torch.nn.functional.mse_loss(module(inputs[batch]), targets[batch])
+
+    result = training.run_loop(
+        "toy",
+        list(module.parameters()),
+        slow_loss,
+        lambda: {"val_loss": float(torch.nn.functional.mse_loss(module(inputs), targets))},
+        lambda directory: directory.mkdir(parents=True, exist_ok=True),
+        list(range(32)),
+        training.StageSettings(minutes=0.05, max_epochs=10_000, micro_batch=4, validate_every=1_000),
+        tmp_path,
+        seed=0,
+        modules=[module],
+    )
+    rates = [entry["lr"] for entry in result.log if "lr" in entry]
+    assert result.steps < 8 * 10_000 // 10  # the budget, not the epochs, ended it
+    assert max(rates) > 0.8e-3
+    assert rates[-1] < 0.2e-3
 
 
 def test_mirror_augmentation_pairs_each_study_with_its_twin(tiny_data) -> None:

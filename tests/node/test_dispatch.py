@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pacs import Orthanc, StoreSCP, free_port, mr_series
 from pydicom.uid import ComprehensiveSRStorage, MRImageStorage
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 
 from dicom_node.dispatch import DicomDestination, FolderDestination, is_loopback
 from dicom_node.sr import AlgorithmIdentity, build_reports, sr_bytes
@@ -115,8 +115,11 @@ def test_a_destination_that_is_down_is_a_failure_outcome(study) -> None:
 
 
 @pytest.fixture
-def refusing_scp() -> Iterator[int]:
+def refusing_scp(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """A pynetdicom SCP that accepts SRs but answers C-STORE with 0xA700 (out of resources)."""
+    # Restricted to its own contexts, as a PACS is: once dicom_node.scp is imported, this
+    # process's pynetdicom accepts every storage class unless told otherwise.
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", False)
     ae = AE(ae_title="FULL")
     ae.add_supported_context(ComprehensiveSRStorage)
     ae.add_supported_context(MRImageStorage)
