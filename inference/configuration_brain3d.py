@@ -20,6 +20,8 @@ from transformers import AutoConfig, Gemma3TextConfig, PretrainedConfig, SiglipV
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #: Added to the targets when ``lora_include_mlp`` is set.
 MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+#: The encoders ``vision_encoder`` names: Brain3D's, and the 2D slice baseline's.
+VISION_ENCODERS = ("inflated-3d", "2d-slices")
 
 
 class Brain3DConfig(PretrainedConfig):
@@ -44,6 +46,11 @@ class Brain3DConfig(PretrainedConfig):
     pixel_std: float = 0.5
     #: Slices per tubelet; also the depth stride, so slabs do not overlap.
     tubelet_depth: int = 4
+    #: ``"inflated-3d"``: Brain3D's encoder (tubelets, attention across the whole volume).
+    #: ``"2d-slices"``: the ablation's 2D slice baseline: the 2D tower reads the middle slice of
+    #: every ``tubelet_depth`` slab on its own, with no attention across slices, into the same
+    #: token grid; compressor, projector and decoder are unchanged.
+    vision_encoder: str = "inflated-3d"
     #: True when the encoder blocks carry pretrained 2D weights (then they stay frozen).
     pretrained_vision: bool = False
     #: True when the decoder carries pretrained weights (then only its LoRA adapter trains). The small
@@ -78,6 +85,10 @@ class Brain3DConfig(PretrainedConfig):
             self.compressor_grid = [4, 4, 4]
         self.input_grid = [int(v) for v in self.input_grid]
         self.compressor_grid = [int(v) for v in self.compressor_grid]
+        if self.vision_encoder not in VISION_ENCODERS:
+            raise ValueError(
+                f"vision_encoder {self.vision_encoder!r}: expected one of {list(VISION_ENCODERS)}"
+            )
         depth, height, width = self.input_grid
         patch = self.vision_config.patch_size
         if depth % self.tubelet_depth or height % patch or width % patch:

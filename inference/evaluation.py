@@ -146,13 +146,16 @@ ABLATION: dict[str, list[str]] = {
     "1+2a+2b": ["contrastive", "projector", "lora"],
     "1+2a (no LoRA)": ["contrastive", "projector"],
 }
+#: The 2D slice baseline's row: every stage, the 2D tower reading axial slices (``SliceEncoder``).
+SLICE_BASELINE = "2D slices, 1+2a+2b"
 
 
 def run_ablation(
     manifest: Path, out_dir: Path, preset: str = "demo", minutes_scale: float = 0.5, seed: int = 0
 ) -> dict:
-    """Train each stage combination from one shared text/2D-pretrained start and evaluate each
-    on the manifest's test split; returns {combination: metrics}."""
+    """Train each stage combination, and the 2D slice baseline with every stage, from one shared
+    text/2D-pretrained start and evaluate each on the manifest's test split; returns
+    {combination: metrics}."""
     import dataclasses
 
     from inference import training
@@ -167,22 +170,30 @@ def run_ablation(
     training.train_pipeline(
         preset, ["pretrain-text", "pretrain-2d"], data, base, seed=seed, schedule=schedule
     )
+    baseline = out_dir / "2d-slices"
+    starts = {name: base / "final" for name in ABLATION}
+    starts[SLICE_BASELINE] = training.slice_baseline_start(base, baseline / "start")
     results = {}
-    for name, stages in ABLATION.items():
-        run = out_dir / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
+    for name, start in starts.items():
+        stages = ABLATION.get(name, ABLATION["1+2a+2b"])
+        run = baseline if name == SLICE_BASELINE else out_dir / _folder_name(name)
         training.train_pipeline(
             preset,
             stages,
             data,
             run,
             seed=seed,
-            init=base / "final",
+            init=start,
             schedule=schedule,
             pretrained_2d_run=base,
         )
         results[name] = evaluate_checkpoint(run / "final", manifest, run / "eval")
     (out_dir / "ablation.json").write_text(json.dumps(results, indent=1, default=float))
     return results
+
+
+def _folder_name(combination: str) -> str:
+    return combination.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
 
 
 def ablation_table(results: dict[str, dict]) -> str:

@@ -211,6 +211,47 @@ class InflatedSiglipEncoder(nn.Module):
         return self.post_layernorm(hidden)
 
 
+class SliceEncoder(nn.Module):
+    """The 2D slice baseline's encoder (``vision_encoder="2d-slices"``), for the ablation.
+
+    SigLIP's 2D vision tower reads the middle axial slice of every ``tubelet_depth`` slab as an
+    image of its own, as a 2D model fed several slices would; no attention crosses slices. The
+    slices' tokens stack along depth into the token grid the inflated encoder produces, so
+    compressor, projector and decoder are the same and the ablation compares the encoders alone.
+    """
+
+    def __init__(self, config: Brain3DConfig, siglip: SiglipVisionModel):
+        super().__init__()
+        self.embeddings = siglip.embeddings
+        self.encoder = siglip.encoder
+        self.post_layernorm = siglip.post_layernorm
+        self.pixel_mean = config.pixel_mean
+        self.pixel_std = config.pixel_std
+        self.slab = config.tubelet_depth
+        self.image_size = config.vision_config.image_size
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` in [0, 1] -> tokens ``(B, d * h * w, width)``, slice by slice."""
+        slices = volumes[:, 0, self.slab // 2 :: self.slab]  # (B, d, H, W)
+        batch, _, height, width = slices.shape
+        images = ((slices.reshape(-1, 1, height, width) - self.pixel_mean) / self.pixel_std).expand(
+            -1, 3, -1, -1
+        )
+        embedded = self.embeddings(
+            images.to(self.embeddings.patch_embedding.weight.dtype),
+            interpolate_pos_encoding=(height, width) != (self.image_size, self.image_size),
+        )
+        hidden = self.post_layernorm(self.encoder(inputs_embeds=embedded).last_hidden_state)
+        return hidden.reshape(batch, -1, hidden.shape[-1])
+
+
+def build_vision_encoder(config: Brain3DConfig, siglip: SiglipVisionModel) -> nn.Module:
+    """The encoder ``config.vision_encoder`` names, around the 2D tower ``siglip``."""
+    if config.vision_encoder == "2d-slices":
+        return SliceEncoder(config, siglip)
+    return InflatedSiglipEncoder(config, siglip)
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Spatial token compression, 4. projector
 # --------------------------------------------------------------------------------------------------
@@ -408,7 +449,7 @@ class Brain3D(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.layout = SequenceLayout(tokenizer, config.instruction)
-        self.vision = InflatedSiglipEncoder(config, siglip or SiglipVisionModel(config.vision_config))
+        self.vision = build_vision_encoder(config, siglip or SiglipVisionModel(config.vision_config))
         self.compressor = SpatialCompressor(config)
         text_width = config.text_config.hidden_size
         self.projector = Projector(config.vision_config.hidden_size, text_width, config.projector_hidden_size)

@@ -483,7 +483,7 @@ def train_2d(
     vision tower is then inflated into the 3D encoder and the text tower returned for stage 1."""
     from transformers import SiglipVisionModel
 
-    from inference.modeling_brain3d import InflatedSiglipEncoder
+    from inference.modeling_brain3d import build_vision_encoder
 
     _seed_everything(seed)
     config = model.config
@@ -551,7 +551,7 @@ def train_2d(
     )
     best_dir = out_dir / "pretrain-2d" / "best"
     best = SiglipVisionModel.from_pretrained(best_dir).to(model.device)
-    model.vision = InflatedSiglipEncoder(config, best).to(model.device)
+    model.vision = build_vision_encoder(config, best).to(model.device)
     return result, load_text_tower(out_dir, model)
 
 
@@ -680,6 +680,22 @@ def quick_generation_check(model, data: TrainingData, limit: int = 64) -> dict[s
 # ----------------------------------------------------------------------------------- pipeline
 
 
+def slice_baseline_start(pretrained_run: Path, out: Path) -> Path:
+    """The 2D slice baseline's starting checkpoint, written to ``out``: the decoder of a run that
+    finished ``pretrain-text`` and ``pretrain-2d`` (its ``final``), with that run's 2D vision
+    tower reading slices (``vision_encoder="2d-slices"``) instead of inflated into 3D."""
+    from transformers import SiglipVisionModel
+
+    from inference.modeling_brain3d import Brain3D, build_vision_encoder
+
+    model = Brain3D.from_pretrained(pretrained_run / "final")
+    model.config.vision_encoder = "2d-slices"
+    model.vision = build_vision_encoder(
+        model.config, SiglipVisionModel.from_pretrained(pretrained_run / "pretrain-2d" / "best")
+    )
+    return model.save_pretrained(out)
+
+
 def build_model(preset: str, data: TrainingData, seed: int):
     """A fresh model of ``preset`` with a tokenizer trained on the training reports."""
     from inference.configuration_brain3d import Brain3DConfig
@@ -715,6 +731,12 @@ def train_pipeline(
     from inference.modeling_brain3d import Brain3D
 
     schedule = schedule or DEMO_SCHEDULE
+    validation_cases = len(data.indices("val"))
+    if validation_cases < 2:
+        raise ValueError(
+            f"the 'val' split holds {validation_cases} case(s); every stage validates on at least 2 "
+            "to keep its best checkpoint (a larger manifest, or more synthetic cases)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     model = Brain3D.from_pretrained(init) if init else build_model(preset, data, seed)
     model = model.to(device)

@@ -10,7 +10,7 @@ from transformers import SiglipVisionModel
 
 from inference.configuration_brain3d import Brain3DConfig
 from inference.convention import LEFT_RIGHT_AXIS
-from inference.modeling_brain3d import Brain3D, SpatialCompressor
+from inference.modeling_brain3d import Brain3D, SliceEncoder, SpatialCompressor
 
 
 def _model_with_2d_twin(config: Brain3DConfig) -> tuple[Brain3D, SiglipVisionModel]:
@@ -175,3 +175,32 @@ def test_5_one_sided_lesion_and_its_mirror_differ_by_at_least_ten_percent(preset
     # Measured: tiny 13% vs 2.8%, demo 18% vs 4.0%. What the published pooling keeps is only the
     # within-patch asymmetry the random encoder happens to see, not where the lesion is.
     assert relative > 3 * published_relative
+
+
+def test_slice_baseline_reads_each_slabs_middle_slice_as_the_2d_tower_alone() -> None:
+    """The 2D baseline's tokens of slab k are the 2D tower's tokens of that slab's middle slice,
+    and a change to any other slice leaves them as they were (no attention across slices)."""
+    config = tiny_config(input_grid=[8, 24, 24], vision_encoder="2d-slices")
+    model, siglip = _model_with_2d_twin(config)
+    assert isinstance(model.vision, SliceEncoder)
+    slabs, width = config.token_grid[0], config.vision_config.hidden_size
+    volume = torch.rand((1, 1, *config.input_grid), generator=torch.Generator().manual_seed(5))
+    middle = [k * config.tubelet_depth + config.tubelet_depth // 2 for k in range(slabs)]
+    with torch.no_grad():
+        tokens = model.encode_tokens(volume).reshape(1, slabs, -1, width)
+        for slab, index in enumerate(middle):
+            rgb = ((volume[0, 0, index] - config.pixel_mean) / config.pixel_std).expand(3, -1, -1)[None]
+            expected = siglip(rgb, interpolate_pos_encoding=True).last_hidden_state
+            torch.testing.assert_close(tokens[:, slab], expected)
+        changed = volume.clone()
+        changed[0, 0, middle[1]] += 0.5  # slab 1's slice
+        changed[0, 0, middle[0] - 1] = 0.0  # a slice no slab reads
+        after = model.encode_tokens(changed).reshape(1, slabs, -1, width)
+    assert torch.equal(after[:, 0], tokens[:, 0])
+    assert torch.equal(after[:, 2:], tokens[:, 2:])
+    assert not torch.allclose(after[:, 1], tokens[:, 1])
+
+
+def test_an_unknown_vision_encoder_is_refused() -> None:
+    with pytest.raises(ValueError, match="vision_encoder 'slices'"):
+        tiny_config(vision_encoder="slices")

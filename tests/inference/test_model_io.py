@@ -44,6 +44,18 @@ def test_save_and_load_round_trip_gives_identical_generations(tmp_path: Path) ->
         torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
 
 
+def test_slice_baseline_round_trip_keeps_its_encoder(tmp_path: Path) -> None:
+    model = tiny_model(vision_encoder="2d-slices")
+    perturb_trainable(model)
+    volumes = random_volumes(model.config, batch=2).clamp(0, 1)
+    model.save_pretrained(tmp_path)
+    loaded = Brain3D.from_pretrained(tmp_path)
+    assert isinstance(loaded.vision, modeling.SliceEncoder)
+    assert loaded.config.vision_encoder == "2d-slices"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(volumes), model.encode(volumes), atol=0, rtol=0)
+
+
 def test_merged_export_generates_the_same_reports_and_leaves_the_model_untouched(tmp_path: Path) -> None:
     model = _trained_tiny()
     volumes = random_volumes(model.config, batch=2).clamp(0, 1)
