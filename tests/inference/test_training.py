@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,32 +79,51 @@ def test_pipeline_writes_logs_best_checkpoint_and_resumes(
     assert json.loads((tmp_path / "training.json").read_text())["stages"][0]["stage"] == "pretrain-text"
 
 
+class _ToyStage:
+    """A linear regression on 32 samples, trained by ``training.run_loop`` as a stage named "toy"."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.module = torch.nn.Linear(3, 1)
+        self.inputs, self.targets = torch.randn(32, 3), torch.randn(32, 1)
+
+    def loss(self, batch: list[int]) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(self.module(self.inputs[batch]), self.targets[batch])
+
+    def run(
+        self,
+        batch_loss: Callable[[list[int], random.Random], torch.Tensor],
+        settings: training.StageSettings,
+        out_dir: Path,
+    ) -> training.StageResult:
+        return training.run_loop(
+            "toy",
+            list(self.module.parameters()),
+            batch_loss,
+            lambda: {"val_loss": float(self.loss(list(range(32))))},
+            lambda directory: directory.mkdir(parents=True, exist_ok=True),
+            list(range(32)),
+            settings,
+            out_dir,
+            seed=0,
+            modules=[self.module],
+        )
+
+
 def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     """An exception mid-stage (a crash, Ctrl-C) leaves last.pt; the rerun continues from it."""
-    torch.manual_seed(0)
-    module = torch.nn.Linear(3, 1)
-    inputs, targets = torch.randn(32, 3), torch.randn(32, 1)
+    toy = _ToyStage()
     seen_steps: list[int] = []
 
-    def loss(batch: list[int], rng: random.Random, crash_at: int | None = None) -> torch.Tensor:
+    def loss(batch: list[int], crash_at: int | None) -> torch.Tensor:
         seen_steps.append(len(seen_steps))
         if crash_at is not None and len(seen_steps) > crash_at:
             raise KeyboardInterrupt
-        return torch.nn.functional.mse_loss(module(inputs[batch]), targets[batch])
+        return toy.loss(batch)
 
     def run(crash_at: int | None) -> training.StageResult:
-        return training.run_loop(
-            "toy",
-            list(module.parameters()),
-            lambda batch, rng: loss(batch, rng, crash_at),
-            lambda: {"val_loss": float(torch.nn.functional.mse_loss(module(inputs), targets))},
-            lambda directory: directory.mkdir(parents=True, exist_ok=True),
-            list(range(32)),
-            training.StageSettings(minutes=1.0, max_epochs=3, micro_batch=4, validate_every=4),
-            tmp_path,
-            seed=0,
-            modules=[module],
-        )
+        settings = training.StageSettings(minutes=1.0, max_epochs=3, micro_batch=4, validate_every=4)
+        return toy.run(lambda batch, rng: loss(batch, crash_at), settings, tmp_path)
 
     with pytest.raises(KeyboardInterrupt):
         run(crash_at=10)
@@ -120,26 +140,14 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path) -> N
 def test_a_stage_ended_by_its_time_budget_has_annealed_its_learning_rate(tmp_path: Path) -> None:
     """The cosine decay follows the time budget when it ends the stage before the epochs do:
     the last steps run near the floor (0.1x), not at the peak a step-count schedule would still be at."""
-    torch.manual_seed(0)
-    module = torch.nn.Linear(3, 1)
-    inputs, targets = torch.randn(32, 3), torch.randn(32, 1)
+    toy = _ToyStage()
 
     def slow_loss(batch: list[int], rng: random.Random) -> torch.Tensor:
         time.sleep(0.02)
-        return torch.nn.functional.mse_loss(module(inputs[batch]), targets[batch])
+        return toy.loss(batch)
 
-    result = training.run_loop(
-        "toy",
-        list(module.parameters()),
-        slow_loss,
-        lambda: {"val_loss": float(torch.nn.functional.mse_loss(module(inputs), targets))},
-        lambda directory: directory.mkdir(parents=True, exist_ok=True),
-        list(range(32)),
-        training.StageSettings(minutes=0.05, max_epochs=10_000, micro_batch=4, validate_every=1_000),
-        tmp_path,
-        seed=0,
-        modules=[module],
-    )
+    settings = training.StageSettings(minutes=0.05, max_epochs=10_000, micro_batch=4, validate_every=1_000)
+    result = toy.run(slow_loss, settings, tmp_path)
     rates = [entry["lr"] for entry in result.log if "lr" in entry]
     assert result.steps < 8 * 10_000 // 10  # the budget, not the epochs, ended it
     assert max(rates) > 0.8e-3
