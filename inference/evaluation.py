@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -139,47 +140,56 @@ def evaluate_checkpoint(checkpoint: Path, manifest: Path, out_dir: Path, split: 
     return metrics
 
 
-#: Stage combinations of the ablation (the paper's, on the same split).
-ABLATION: dict[str, list[str]] = {
-    "2b only": ["lora"],
-    "2a+2b": ["projector", "lora"],
-    "1+2a+2b": ["contrastive", "projector", "lora"],
-    "1+2a (no LoRA)": ["contrastive", "projector"],
-}
+@dataclass(frozen=True)
+class AblationRun:
+    """One row of the ablation: the stages it trains, its folder, and the vision encoder it reads with."""
+
+    stages: tuple[str, ...]
+    folder: str
+    vision_encoder: str = "inflated-3d"
+
+
 #: The 2D slice baseline's row: every stage, the 2D tower reading axial slices (``SliceEncoder``).
 SLICE_BASELINE = "2D slices, 1+2a+2b"
+#: The paper's stage combinations on the same split, then the 2D slice baseline.
+ABLATION: dict[str, AblationRun] = {
+    "2b only": AblationRun(("lora",), "2b_only"),
+    "2a+2b": AblationRun(("projector", "lora"), "2a-2b"),
+    "1+2a+2b": AblationRun(("contrastive", "projector", "lora"), "1-2a-2b"),
+    "1+2a (no LoRA)": AblationRun(("contrastive", "projector"), "1-2a_no_LoRA"),
+    SLICE_BASELINE: AblationRun(
+        ("contrastive", "projector", "lora"), "2d-slices", vision_encoder="2d-slices"
+    ),
+}
 
 
 def run_ablation(
     manifest: Path, out_dir: Path, preset: str = "demo", minutes_scale: float = 0.5, seed: int = 0
 ) -> dict:
-    """Train each stage combination, and the 2D slice baseline with every stage, from one shared
-    text/2D-pretrained start and evaluate each on the manifest's test split; returns
-    {combination: metrics}."""
-    import dataclasses
-
+    """Train each row of :data:`ABLATION` from one shared text/2D-pretrained start and evaluate each
+    on the manifest's test split; returns {row name: metrics}."""
     from inference import training
     from inference.configuration_brain3d import Brain3DConfig
 
     data = training.manifest_data(manifest, Brain3DConfig.from_preset(preset).input_grid)
     schedule = {
-        name: dataclasses.replace(s, minutes=s.minutes * minutes_scale)
-        for name, s in training.DEMO_SCHEDULE.items()
+        name: replace(s, minutes=s.minutes * minutes_scale) for name, s in training.DEMO_SCHEDULE.items()
     }
     base = out_dir / "base"
     training.train_pipeline(
         preset, ["pretrain-text", "pretrain-2d"], data, base, seed=seed, schedule=schedule
     )
-    baseline = out_dir / "2d-slices"
-    starts = {name: base / "final" for name in ABLATION}
-    starts[SLICE_BASELINE] = training.slice_baseline_start(base, baseline / "start")
     results = {}
-    for name, start in starts.items():
-        stages = ABLATION.get(name, ABLATION["1+2a+2b"])
-        run = baseline if name == SLICE_BASELINE else out_dir / _folder_name(name)
+    for name, row in ABLATION.items():
+        run = out_dir / row.folder
+        start = (
+            training.slice_baseline_start(base, run / "start")
+            if row.vision_encoder == "2d-slices"
+            else base / "final"
+        )
         training.train_pipeline(
             preset,
-            stages,
+            row.stages,
             data,
             run,
             seed=seed,
@@ -190,10 +200,6 @@ def run_ablation(
         results[name] = evaluate_checkpoint(run / "final", manifest, run / "eval")
     (out_dir / "ablation.json").write_text(json.dumps(results, indent=1, default=float))
     return results
-
-
-def _folder_name(combination: str) -> str:
-    return combination.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
 
 
 def ablation_table(results: dict[str, dict]) -> str:
