@@ -200,6 +200,11 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
         pacs.stop()
 
 
+#: Marks a row of the findings table where the SR and the synthetic truth disagree.
+DIFFERS = "<- differs"
+DEMO_MODEL_CARD = "inference/checkpoints/demo/README.md"
+
+
 def _describe(findings: Findings) -> dict[str, str]:
     if not findings.abnormal:
         return {"abnormality": "absent"}
@@ -249,8 +254,19 @@ def print_result(result: DemoResult, echo: Callable[[str], None] = print) -> Non
     coded = _describe(read_coded_findings(measurement)) if measurement is not None else {}
     truth = _describe(result.truth)
     echo(f"\n  {'finding':<26}{'coded in the SR':<25}synthetic truth")
+    differing = []
     for key in dict.fromkeys([*truth, *coded]):
-        echo(f"  {key:<26}{coded.get(key, '-'):<25}{truth.get(key, '-')}")
+        said, true = coded.get(key, "-"), truth.get(key, "-")
+        if said != true:
+            differing.append(key)
+        echo(f"  {key:<26}{said:<25}{true:<25}{DIFFERS if said != true else ''}".rstrip())
+    if differing:
+        echo(
+            f"The SR differs from the synthetic truth in: {', '.join(differing)} "
+            f"(the demo checkpoint's known limits: {DEMO_MODEL_CARD})."
+        )
+    else:
+        echo("The SR's coded findings match the synthetic truth.")
     for path in result.report_files:
         dataset = pydicom.dcmread(path)
         if dataset.SOPClassUID == ComprehensiveSRStorage:
