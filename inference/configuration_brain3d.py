@@ -21,7 +21,8 @@ ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #: Added to the targets when ``lora_include_mlp`` is set.
 MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 #: The encoders ``vision_encoder`` names: Brain3D's, and the 2D slice baseline's.
-VISION_ENCODERS = ("inflated-3d", "2d-slices")
+INFLATED_3D, SLICES_2D = "inflated-3d", "2d-slices"
+VISION_ENCODERS = (INFLATED_3D, SLICES_2D)
 
 
 class Brain3DConfig(PretrainedConfig):
@@ -50,7 +51,7 @@ class Brain3DConfig(PretrainedConfig):
     #: ``"2d-slices"``: the ablation's 2D slice baseline: the 2D tower reads the middle slice of
     #: every ``tubelet_depth`` slab on its own, with no attention across slices, into the same
     #: token grid; compressor, projector and decoder are unchanged.
-    vision_encoder: str = "inflated-3d"
+    vision_encoder: str = INFLATED_3D
     #: True when the encoder blocks carry pretrained 2D weights (then they stay frozen).
     pretrained_vision: bool = False
     #: True when the decoder carries pretrained weights (then only its LoRA adapter trains). The small

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from inference.configuration_brain3d import INFLATED_3D, SLICES_2D, Brain3DConfig
 from inference.metrics import evaluate_reports, side_confusion
 from inference.report_schema import parse
 
@@ -146,7 +147,7 @@ class AblationRun:
 
     stages: tuple[str, ...]
     folder: str
-    vision_encoder: str = "inflated-3d"
+    vision_encoder: str = INFLATED_3D
 
 
 #: The 2D slice baseline's row: every stage, the 2D tower reading axial slices (``SliceEncoder``).
@@ -157,9 +158,7 @@ ABLATION: dict[str, AblationRun] = {
     "2a+2b": AblationRun(("projector", "lora"), "2a-2b"),
     "1+2a+2b": AblationRun(("contrastive", "projector", "lora"), "1-2a-2b"),
     "1+2a (no LoRA)": AblationRun(("contrastive", "projector"), "1-2a_no_LoRA"),
-    SLICE_BASELINE: AblationRun(
-        ("contrastive", "projector", "lora"), "2d-slices", vision_encoder="2d-slices"
-    ),
+    SLICE_BASELINE: AblationRun(("contrastive", "projector", "lora"), "2d-slices", vision_encoder=SLICES_2D),
 }
 
 
@@ -169,7 +168,6 @@ def run_ablation(
     """Train each row of :data:`ABLATION` from one shared text/2D-pretrained start and evaluate each
     on the manifest's test split; returns {row name: metrics}."""
     from inference import training
-    from inference.configuration_brain3d import Brain3DConfig
 
     data = training.manifest_data(manifest, Brain3DConfig.from_preset(preset).input_grid)
     schedule = {
@@ -184,7 +182,7 @@ def run_ablation(
         run = out_dir / row.folder
         start = (
             training.slice_baseline_start(base, run / "start")
-            if row.vision_encoder == "2d-slices"
+            if row.vision_encoder == SLICES_2D
             else base / "final"
         )
         training.train_pipeline(

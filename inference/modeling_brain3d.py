@@ -53,7 +53,7 @@ from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
 )
 
-from inference.configuration_brain3d import Brain3DConfig
+from inference.configuration_brain3d import SLICES_2D, Brain3DConfig
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class SliceEncoder(nn.Module):
 
 def build_vision_encoder(config: Brain3DConfig, siglip: SiglipVisionModel) -> nn.Module:
     """The encoder ``config.vision_encoder`` names, around the 2D tower ``siglip``."""
-    if config.vision_encoder == "2d-slices":
+    if config.vision_encoder == SLICES_2D:
         return SliceEncoder(config, siglip)
     return InflatedSiglipEncoder(config, siglip)
 

@@ -686,10 +686,11 @@ def slice_baseline_start(pretrained_run: Path, out: Path) -> Path:
     tower reading slices (``vision_encoder="2d-slices"``) instead of inflated into 3D."""
     from transformers import SiglipVisionModel
 
+    from inference.configuration_brain3d import SLICES_2D
     from inference.modeling_brain3d import Brain3D, build_vision_encoder
 
     model = Brain3D.from_pretrained(pretrained_run / "final")
-    model.config.vision_encoder = "2d-slices"
+    model.config.vision_encoder = SLICES_2D
     model.vision = build_vision_encoder(
         model.config, SiglipVisionModel.from_pretrained(pretrained_run / "pretrain-2d" / "best")
     )

@@ -92,6 +92,7 @@ class DemoResult:
     report_files: list[Path]
     truth: Findings
     wall_seconds: float
+    model_card: Path  # the README.md beside the checkpoint that wrote the reports
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, name: str) -> None:
@@ -187,7 +188,11 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
         job = wait_for_final_job(Database(settings.database.url), flair_uid, timeout)
         reports = pacs.wait_for(2, timeout=10) if job.state.value == "succeeded" else []
         return DemoResult(
-            job=job, report_files=reports, truth=case.findings, wall_seconds=time.monotonic() - started
+            job=job,
+            report_files=reports,
+            truth=case.findings,
+            wall_seconds=time.monotonic() - started,
+            model_card=settings.model.path / "README.md",
         )
     finally:
         for process in processes:
@@ -202,7 +207,8 @@ def run_demo(settings: Settings, *, seed: int = 7, timeout: float = 120.0) -> De
 
 #: Marks a row of the findings table where the SR and the synthetic truth disagree.
 DIFFERS = "<- differs"
-DEMO_MODEL_CARD = "inference/checkpoints/demo/README.md"
+#: Widths of the findings table's first two columns (finding, coded in the SR).
+FINDING_COLUMN, CODED_COLUMN = 26, 25
 
 
 def _describe(findings: Findings) -> dict[str, str]:
@@ -253,17 +259,19 @@ def print_result(result: DemoResult, echo: Callable[[str], None] = print) -> Non
     )
     coded = _describe(read_coded_findings(measurement)) if measurement is not None else {}
     truth = _describe(result.truth)
-    echo(f"\n  {'finding':<26}{'coded in the SR':<25}synthetic truth")
+    echo(f"\n  {'finding':<{FINDING_COLUMN}}{'coded in the SR':<{CODED_COLUMN}}synthetic truth")
     differing = []
     for key in dict.fromkeys([*truth, *coded]):
         said, true = coded.get(key, "-"), truth.get(key, "-")
-        if said != true:
+        differs = said != true
+        if differs:
             differing.append(key)
-        echo(f"  {key:<26}{said:<25}{true:<25}{DIFFERS if said != true else ''}".rstrip())
+        marker = DIFFERS if differs else ""
+        echo(f"  {key:<{FINDING_COLUMN}}{said:<{CODED_COLUMN}}{true:<{CODED_COLUMN}}{marker}".rstrip())
     if differing:
         echo(
             f"The SR differs from the synthetic truth in: {', '.join(differing)} "
-            f"(the demo checkpoint's known limits: {DEMO_MODEL_CARD})."
+            f"(the checkpoint's known limits: {result.model_card})."
         )
     else:
         echo("The SR's coded findings match the synthetic truth.")

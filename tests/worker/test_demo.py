@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
-from worker.demo import DIFFERS
+from worker.demo import CODED_COLUMN, DIFFERS, FINDING_COLUMN
 
 TABLE_HEADER = "coded in the SR"
 
@@ -39,7 +39,9 @@ def _findings_table(output: str) -> dict[str, tuple[str, str, bool]]:
             break
         marked = line.endswith(DIFFERS)
         cells = line.removesuffix(DIFFERS).rstrip()
-        rows[cells[2:28].strip()] = (cells[28:53].strip(), cells[53:].strip(), marked)
+        coded_at = 2 + FINDING_COLUMN
+        truth_at = coded_at + CODED_COLUMN
+        rows[cells[2:coded_at].strip()] = (cells[coded_at:truth_at].strip(), cells[truth_at:].strip(), marked)
     return rows
 
 
