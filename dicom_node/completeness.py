@@ -146,10 +146,6 @@ class CompletenessTracker:
                 self._ready.add(series.series_uid)
                 self._condition.notify()
 
-    def open_series(self) -> dict[str, OpenSeries]:
-        with self._condition:
-            return dict(self._open)
-
     # -- thread ---------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -21,6 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydicom.datadict import keyword_dict
 
 CONFIG_ENV = "BRAIN3D_CONFIG"
 ENV_PREFIX = "BRAIN3D_"
@@ -163,6 +164,16 @@ class RoutingRule(_Section):
     match: dict[str, str] = Field(min_length=1)
     reason: str = ""
 
+    @field_validator("match")
+    @classmethod
+    def _keywords_are_dicom(cls, value: dict[str, str]) -> dict[str, str]:
+        """A misspelt keyword would read as an absent attribute: an exclude rule on it never
+        fires, and a ``*`` pattern on it matches every series."""
+        unknown = sorted(keyword for keyword in value if keyword not in keyword_dict)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a DICOM keyword (e.g. SeriesDescription)")
+        return value
+
 
 class RoutingSettings(_Section):
     """Which series Brain3D reads."""
@@ -173,13 +184,13 @@ class RoutingSettings(_Section):
     min_repetition_time_ms: float = 4000.0
 
 
-class Destination(_Section):
-    """A DICOM peer that receives the Structured Reports."""
+class DestinationSettings(_Section):
+    """A DICOM peer that receives the Structured Reports (``dicom_node.dispatch.DicomDestination``)."""
 
     host: str
     port: int = Field(ge=1, le=65535)
     ae_title: str = Field(min_length=1, max_length=16)
-    name: str = ""
+    name: str = Field("", description="How deliveries and audit events name it; default AE@host:port.")
 
 
 class ModelSettings(_Section):
@@ -211,7 +222,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     completion: CompletionSettings = CompletionSettings()
     routing: RoutingSettings = RoutingSettings()
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
     delivery: DeliverySettings = DeliverySettings()
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()

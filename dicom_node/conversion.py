@@ -25,12 +25,16 @@ from dicom2nifti.exceptions import ConversionValidationError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.geometry import DEFAULT_MIN_SLICES, GeometryVerdict, check_series_geometry
+from dicom_node.geometry import (
+    DEFAULT_MIN_SLICES,
+    LPS_TO_RAS,
+    GeometryVerdict,
+    check_series_geometry,
+    frames_of,
+)
 
 log = logging.getLogger(__name__)
 
-#: LPS <-> RAS: negate x and y.
-_FLIP_XY = np.diag([-1.0, -1.0, 1.0])
 #: Largest disagreement (mm) tolerated between dicom2nifti's affine and ours.
 AFFINE_TOLERANCE_MM = 0.01
 
@@ -61,39 +65,16 @@ def _configure_dicom2nifti() -> None:
 
 
 def _read(files: Sequence[Path]) -> list[Dataset]:
+    """The datasets of ``files``. A file that is not DICOM is a conversion error (the series is not
+    analysed); an I/O error (a shared spool gone for a moment) is not, and propagates: the job
+    fails with it and can be retried."""
     datasets = []
     for path in files:
         try:
             datasets.append(pydicom.dcmread(path))
-        except (InvalidDicomError, OSError, ValueError) as exc:
+        except (InvalidDicomError, ValueError) as exc:
             raise ConversionError(f"unreadable: {Path(path).name}: {exc}") from None
     return datasets
-
-
-def _frame_geometry(ds: Dataset) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
-    """(IOP, IPP, PixelSpacing) of every frame, classic or Enhanced."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if not per_frame:
-        return [
-            (
-                np.array(ds.ImageOrientationPatient, dtype=float),
-                np.array(ds.ImagePositionPatient, dtype=float),
-                (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-            )
-        ]
-    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else Dataset()
-
-    def macro(groups: Dataset, keyword: str) -> Dataset:
-        return (groups.get(keyword) or shared.get(keyword))[0]
-
-    return [
-        (
-            np.array(macro(groups, "PlaneOrientationSequence").ImageOrientationPatient, dtype=float),
-            np.array(macro(groups, "PlanePositionSequence").ImagePositionPatient, dtype=float),
-            tuple(float(v) for v in macro(groups, "PixelMeasuresSequence").PixelSpacing),  # type: ignore[misc]
-        )
-        for groups in per_frame
-    ]
 
 
 def _check_affine(affine: np.ndarray, datasets: Sequence[Dataset]) -> None:
@@ -104,17 +85,21 @@ def _check_affine(affine: np.ndarray, datasets: Sequence[Dataset]) -> None:
     way or the other (dicom2nifti sorts classic slices by their largest coordinate
     and Enhanced frames by in-stack position).
     """
-    frames = [frame for ds in datasets for frame in _frame_geometry(ds)]
-    iop, _, (row_spacing, column_spacing) = frames[0]
+    frames = [frame for ds in datasets for frame in frames_of(ds)]  # complete: the gate checked them
+    iop, spacing = frames[0].orientation, frames[0].pixel_spacing
+    assert iop is not None and spacing is not None
+    row_spacing, column_spacing = spacing
     normal = np.cross(iop[:3], iop[3:])
-    expected_axes = np.stack([_FLIP_XY @ iop[:3] * column_spacing, _FLIP_XY @ iop[3:] * row_spacing], axis=1)
+    expected_axes = np.stack(
+        [LPS_TO_RAS @ iop[:3] * column_spacing, LPS_TO_RAS @ iop[3:] * row_spacing], axis=1
+    )
     if not np.allclose(affine[:3, :2], expected_axes, atol=1e-4):
         raise ConversionError("affine_mismatch: dicom2nifti's in-plane axes disagree with the headers")
-    stack = np.array(sorted((ipp for _, ipp, _ in frames), key=lambda p: float(p @ normal)))
+    stack = np.array(sorted((frame.position for frame in frames), key=lambda p: float(p @ normal)))
     slice_index = np.arange(len(stack))[:, None]
     converted = slice_index * affine[:3, 2] + affine[:3, 3]
     for order in (stack, stack[::-1]):
-        if np.abs(converted - order @ _FLIP_XY).max() <= AFFINE_TOLERANCE_MM:
+        if np.abs(converted - order @ LPS_TO_RAS).max() <= AFFINE_TOLERANCE_MM:
             return
     raise ConversionError("affine_mismatch: dicom2nifti's slice positions disagree with the headers")
 

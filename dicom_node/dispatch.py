@@ -8,23 +8,19 @@ from the outcome and the SQL rows, not from exceptions.
 
 - ``DicomDestination``: C-STORE over one association (pynetdicom SCU), sending each file's
   bytes as stored, without decoding (so a re-delivery sends exactly the persisted bytes).
-- ``FolderDestination``: shadow mode / local review; atomic writes, idempotent by SOP UID.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, Association, _config, evt
@@ -186,60 +182,6 @@ class DicomDestination(Destination):
                 f"source {primitive.source_str}, reason {primitive.reason_str}"
             )
         return f"association with {self.name} aborted or timed out before it was established"
-
-
-class FolderDestination(Destination):
-    """A folder that receives the SR files (shadow mode, local review).
-
-    Files land as ``<folder>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` via a temporary
-    file, fsync and rename, so a reader never sees half a file and re-delivery is a no-op.
-    """
-
-    def __init__(self, path: Path | str, *, name: str | None = None) -> None:
-        self.path = Path(path)
-        self.name = name or f"folder:{self.path}"
-
-    def send(self, files: Sequence[Path]) -> DeliveryOutcome:
-        entries, error = _read_meta(files)
-        attempted = tuple(entry.sop_instance_uid for entry in entries)
-        if error is not None:
-            return DeliveryOutcome(self.name, error=error, attempted=attempted)
-        statuses: dict[str, int] = {}
-        try:
-            for entry in entries:
-                self._write(entry)
-                statuses[entry.sop_instance_uid] = SUCCESS
-        except OSError as failure:
-            return DeliveryOutcome(
-                self.name,
-                statuses=statuses,
-                error=f"cannot write to {self.path}: {failure}",
-                attempted=attempted,
-            )
-        return DeliveryOutcome(self.name, statuses=statuses, attempted=attempted)
-
-    def _write(self, entry: _File) -> None:
-        header = dcmread(
-            entry.path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
-        )
-        folder = self.path / str(header.StudyInstanceUID) / str(header.SeriesInstanceUID)
-        folder.mkdir(parents=True, exist_ok=True)
-        data = entry.path.read_bytes()
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".part")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, folder / f"{entry.sop_instance_uid}.dcm")
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
 
 def is_loopback(host: str) -> bool:

@@ -40,8 +40,14 @@ class GeometryVerdict:
         return self.reason.split(":", 1)[0]
 
 
+#: Flips DICOM's LPS patient axes to RAS and back (its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
 @dataclass(frozen=True)
-class _Frame:
+class Frame:
+    """One image plane's geometry as its headers state it; ``None`` where absent or unreadable."""
+
     orientation: np.ndarray | None
     position: np.ndarray | None
     pixel_spacing: tuple[float, ...] | None
@@ -64,14 +70,14 @@ def _array(value: object) -> np.ndarray | None:
         return None
 
 
-def _frames(ds: Dataset) -> list[_Frame]:
+def frames_of(ds: Dataset) -> list[Frame]:
     """One entry per image plane: each classic instance, each Enhanced MR frame."""
     size = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame:
         spacing = ds.get("PixelSpacing")
         return [
-            _Frame(
+            Frame(
                 _array(ds.get("ImageOrientationPatient")),
                 _array(ds.get("ImagePositionPatient")),
                 tuple(float(v) for v in spacing) if spacing else None,
@@ -87,7 +93,7 @@ def _frames(ds: Dataset) -> list[_Frame]:
         measures = _macro(groups, "PixelMeasuresSequence") or _macro(shared, "PixelMeasuresSequence")
         spacing = measures.get("PixelSpacing") if measures is not None else None
         frames.append(
-            _Frame(
+            Frame(
                 _array(orientation.get("ImageOrientationPatient")) if orientation is not None else None,
                 _array(position.get("ImagePositionPatient")) if position is not None else None,
                 tuple(float(v) for v in spacing) if spacing else None,
@@ -113,7 +119,7 @@ def check_series_geometry(
         return GeometryVerdict(False, "no_instances: the series has no instances")
     if any(_is_localizer(ds) for ds in datasets):
         return GeometryVerdict(False, "localizer: ImageType LOCALIZER/SCOUT in the series")
-    frames = [frame for ds in datasets for frame in _frames(ds)]
+    frames = [frame for ds in datasets for frame in frames_of(ds)]
     if any(f.orientation is None or f.orientation.size != 6 or f.position is None for f in frames):
         return GeometryVerdict(False, "missing_geometry: ImageOrientationPatient/ImagePositionPatient absent")
     if any(f.pixel_spacing is None for f in frames):

@@ -582,6 +582,10 @@ class Ingest:
         series = self._series_for_instance(batch, headers, received_at)
         known_hashes = set(connection.execute(_HASHES_OF_UID, {"uid": headers.sop_instance_uid}).scalars())
         if spooled.sha256 in known_hashes:
+            if spooled.written:
+                # Its file was gone (retention removed the series' spool) and is back: let
+                # retention see the folder again, or the re-sent files would stay forever.
+                batch.series_updates.setdefault(series.id, {})["spool_removed_at"] = None
             return InstanceOutcome.DUPLICATE
 
         conflicting = bool(known_hashes)

@@ -15,14 +15,12 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select, update
 
 from dicom_node.audit import AuditTrail, EventID, Outcome
-from dicom_node.db.models import Job, JobState, Series, SeriesState, Study
+from dicom_node.db.models import FINAL_JOB_STATES, Job, Series, SeriesState, Study
 from dicom_node.db.session import Database
 from dicom_node.ingest import as_utc
 from dicom_node.spool import Spool
 
 log = logging.getLogger(__name__)
-
-FINAL_STATES = [JobState.SUCCEEDED, JobState.FAILED, JobState.NOT_ANALYSED]
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ class Retention:
         open_jobs = (
             select(Job.id)
             .where(Job.series_id == Series.id, Job.series_generation == Series.generation)
-            .where(Job.state.not_in(FINAL_STATES))
+            .where(Job.state.not_in(FINAL_JOB_STATES))
             .exists()
         )
         last_job_end = (

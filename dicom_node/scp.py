@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -346,7 +347,8 @@ class StorageSCP:
 
     # -- C-STORE --------------------------------------------------------------------------
 
-    def _fail(self, record: AssociationLog | None, reason: str, status: int, sop_class: str | None) -> int:
+    def _fail(self, record: AssociationLog | None, reason: str, status: int, request: C_STORE) -> int:
+        """Refuse one instance: count it, log it, audit it with the UIDs the request named."""
         if record is not None:
             record.failed += 1
         log.warning("C-STORE refused with 0x%04X: %s", status, reason)
@@ -358,7 +360,8 @@ class StorageSCP:
             detail={
                 "association_id": record.association_id if record else None,
                 "reason": reason,
-                "sop_class_uid": sop_class,
+                "sop_class_uid": str(request.AffectedSOPClassUID),
+                "sop_instance_uid": str(request.AffectedSOPInstanceUID).strip(),
                 "status": f"0x{status:04X}",
             },
         )
@@ -377,10 +380,10 @@ class StorageSCP:
         try:
             headers = read_headers(dataset, transfer_syntax)
         except MalformedDatasetError as exc:
-            return self._fail(record, str(exc), STATUS_CANNOT_UNDERSTAND, sop_class)
+            return self._fail(record, str(exc), STATUS_CANNOT_UNDERSTAND, request)
         if headers.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip():
             return self._fail(
-                record, "SOP Instance UID differs from the request's", STATUS_DATASET_MISMATCH, sop_class
+                record, "SOP Instance UID differs from the request's", STATUS_DATASET_MISMATCH, request
             )
 
         if self.spool.free_bytes() - len(dataset) < self.storage.min_free_bytes:
@@ -407,7 +410,7 @@ class StorageSCP:
                 headers.study_uid, headers.series_uid, headers.sop_instance_uid, file_meta, dataset
             )
         except UnsafeUIDError as exc:
-            return self._fail(record, str(exc), STATUS_DATASET_MISMATCH, sop_class)
+            return self._fail(record, str(exc), STATUS_DATASET_MISMATCH, request)
         except OSError as exc:
             log.error("spool write failed for %s: %s", headers.sop_instance_uid, exc)
             if record is not None:
@@ -424,7 +427,7 @@ class StorageSCP:
             ).result()
         except Exception as exc:
             log.exception("SQL record failed for %s", headers.sop_instance_uid)
-            return self._fail(record, f"database: {type(exc).__name__}", STATUS_PROCESSING_FAILURE, sop_class)
+            return self._fail(record, f"database: {type(exc).__name__}", STATUS_PROCESSING_FAILURE, request)
 
         if record is not None:
             record.studies.add(headers.study_uid)

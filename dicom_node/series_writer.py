@@ -33,15 +33,13 @@ from pydicom.uid import (
 from scipy.ndimage import map_coordinates
 
 from dicom_node.acquisition import FLAIR_2D, AcquisitionPreset
+from dicom_node.geometry import LPS_TO_RAS
 from dicom_node.identity import MANUFACTURER, SOFTWARE_VERSION
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 
 Orientation = Literal["axial", "sagittal", "coronal"]
-
-#: RAS <-> LPS: negate x and y. The matrix is its own inverse.
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 #: Image row / column directions of each plane in the scanner (gantry) frame, which
 #: equals LPS for a head-first supine patient. Radiological display: patient's left
@@ -144,7 +142,7 @@ class _Grid:
         interpolation_order: int,
     ) -> None:
         affine_lps = np.eye(4)
-        affine_lps[:3] = RAS_TO_LPS @ affine[:3]
+        affine_lps[:3] = LPS_TO_RAS @ affine[:3]  # the same flip both ways
         # Spacing: between rows (along col), between columns (along row), between slices.
         self.row_spacing, self.column_spacing = pixel_spacing or (
             _closest_voxel_size(affine_lps, col),

@@ -100,7 +100,7 @@ def file_meta_bytes(
     return b"\x00" * 128 + b"DICM" + _GROUP_LENGTH_ELEMENT + len(body).to_bytes(4, "little") + body
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     """Create ``path`` holding ``data`` and fsync it, in as few system calls as possible
     (each one releases and re-takes the GIL, which costs most under concurrent associations)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -248,7 +248,7 @@ class Spool:
             return SpooledInstance(target, size, sha256, written=False)
 
         temporary = self.incoming / f"{os.getpid()}-{next(self._temporary_names)}.part"
-        _write_durably(temporary, file_meta + dataset)
+        write_durably(temporary, file_meta + dataset)
         with self._lock(series_uid):
             # Re-check under the lock: another association may have stored the same UID meanwhile.
             target, present = self._existing_match(folder, sop_uid, sha256)

@@ -15,7 +15,7 @@ from dicom_node.db import Job, JobState
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
 from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
-from worker.jobs import FINAL_STATES, JobBook
+from worker.jobs import JobBook
 from worker.reconciler import Reconciler, reconcile_once
 from worker.runtime import configure
 
@@ -77,7 +77,7 @@ def retry(
     except LookupError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    if job.state not in FINAL_STATES or job.state == JobState.SUCCEEDED:
+    if not job.state.is_final or job.state == JobState.SUCCEEDED:
         typer.echo(
             f"error: job {job_id} is {job.state.value}; only failed or not analysed jobs are retried",
             err=True,
@@ -98,6 +98,7 @@ def retry(
                 conversion_finished_at=None,
                 inference_started_at=None,
                 inference_finished_at=None,
+                sr_build_started_at=None,
                 sr_built_at=None,
                 delivered_at=None,
                 finished_at=None,

@@ -14,10 +14,11 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dicom_node.audit import Action, EventID, Outcome, Participant, Role
-from dicom_node.config import Destination
-from dicom_node.db import Delivery, Job, Series, StructuredReport
+from dicom_node.config import DestinationSettings
+from dicom_node.db import Delivery, Job, Series
 from dicom_node.db.models import utcnow
 from dicom_node.dispatch import DicomDestination, is_loopback
+from worker.reports import reports_of
 from worker.runtime import Runtime
 
 logger = logging.getLogger("brain3d.worker")
@@ -37,8 +38,9 @@ class DeliveryResult:
         return not self.failures
 
 
-def destination_label(destination: Destination) -> str:
-    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+def destination_label(destination: DestinationSettings) -> str:
+    """The destination's name in delivery rows and the audit trail."""
+    return destination.name or f"{destination.ae_title}@{destination.host}:{destination.port}"
 
 
 def check_demo_guard(runtime: Runtime, synthetic_demo: bool) -> None:
@@ -54,12 +56,10 @@ def check_demo_guard(runtime: Runtime, synthetic_demo: bool) -> None:
 
 
 def deliver(runtime: Runtime, job: Job) -> DeliveryResult:
-    """One attempt to deliver every SR of ``job`` to every destination not yet served."""
+    """One attempt to deliver the SRs of ``job``'s outcome to every destination not yet served."""
     settings = runtime.settings
+    reports = reports_of(runtime, job)
     with runtime.database.session() as session:
-        reports = session.scalars(
-            select(StructuredReport).where(StructuredReport.job_id == job.id).order_by(StructuredReport.id)
-        ).all()
         done = {
             (row.destination, row.sop_instance_uid)
             for row in session.scalars(select(Delivery).where(Delivery.job_id == job.id, Delivery.succeeded))

@@ -19,12 +19,10 @@ from sqlalchemy import or_, select, update
 
 from dicom_node.audit import Action, EventID, Outcome
 from dicom_node.db import Database, Job, JobState, Series
-from dicom_node.db.models import utcnow
+from dicom_node.db.models import FINAL_JOB_STATES, utcnow
 from worker.runtime import Runtime
 
 logger = logging.getLogger("brain3d.worker")
-
-FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.NOT_ANALYSED)
 
 
 class Step(enum.StrEnum):
@@ -36,11 +34,12 @@ class Step(enum.StrEnum):
     DELIVER = "deliver"
 
 
-# The timestamps that say a step started and finished (build and deliver have one each).
+# The timestamps that say a step started and finished. Delivery has no start mark: it is
+# re-entered by its own retries (capped by ``delivery.max_retries``), which are no interruptions.
 _STEP_COLUMNS: dict[Step, tuple[str | None, str]] = {
     Step.CONVERT: ("conversion_started_at", "conversion_finished_at"),
     Step.INFER: ("inference_started_at", "inference_finished_at"),
-    Step.BUILD_REPORTS: (None, "sr_built_at"),
+    Step.BUILD_REPORTS: ("sr_build_started_at", "sr_built_at"),
     Step.DELIVER: (None, "delivered_at"),
 }
 
@@ -51,6 +50,12 @@ def next_step(job: Job) -> Step:
         if getattr(job, _STEP_COLUMNS[step][1]) is None:
             return step
     return Step.DELIVER
+
+
+def analysed(job: Job) -> bool:
+    """Whether the model read this run of the job (a retry clears it); else only a not-analysed SR
+    can be sent."""
+    return job.inference_finished_at is not None
 
 
 class JobBook:
@@ -94,11 +99,12 @@ class JobBook:
         """Mark ``step`` started; None when the job is final or the step already done.
 
         A step found started but not finished was interrupted (its worker died): that counts
-        as an attempt, and past ``max_attempts`` the job fails with that reason.
+        as an attempt, and past ``max_attempts`` the job fails with that reason (conversion,
+        inference and the SR build; delivery's retries are capped by ``delivery.max_retries``).
         """
         started_column, finished_column = _STEP_COLUMNS[step]
         job = self.get(job_id)
-        if job.state in FINAL_STATES or getattr(job, finished_column) is not None:
+        if job.state in FINAL_JOB_STATES or getattr(job, finished_column) is not None:
             return None
         values: dict[str, Any] = {"state": JobState.RUNNING, "heartbeat_at": utcnow()}
         if started_column is not None and getattr(job, started_column) is None:
@@ -126,7 +132,7 @@ class JobBook:
         with self.runtime.database.session() as session:
             changed = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
+                .where(Job.id == job_id, Job.state.not_in(FINAL_JOB_STATES))
                 .values(state=state, error_reason=reason, finished_at=utcnow())
             ).rowcount
         if changed:

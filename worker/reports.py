@@ -20,16 +20,18 @@ from pydicom import Dataset
 from sqlalchemy import select
 
 from dicom_node.db import Job, StructuredReport
+from dicom_node.spool import fsync_dir, write_durably
 from dicom_node.sr import AlgorithmIdentity, build_reports, not_analysed_report, sr_bytes
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Findings, parse
 from worker.convert import SourceInstances
 from worker.inference import ModelIdentity
+from worker.jobs import analysed
 from worker.runtime import Runtime
 
 logger = logging.getLogger("brain3d.worker")
 
-NOT_ANALYSED_KIND = "not_analysed"
+NARRATIVE_KIND, MEASUREMENT_KIND, NOT_ANALYSED_KIND = "narrative", "measurement", "not_analysed"
 
 
 class InvalidReportError(RuntimeError):
@@ -40,14 +42,6 @@ def findings_to_json(findings: Findings) -> str:
     data = asdict(findings)
     data["lobes"] = sorted(lobe.value for lobe in findings.lobes)
     return json.dumps(data, sort_keys=True, default=str)
-
-
-def _write_durably(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _predecessors(runtime: Runtime, job: Job) -> list[Dataset]:
@@ -72,12 +66,15 @@ def _persist(runtime: Runtime, job: Job, kind: str, dataset: Dataset) -> Structu
     )
     payload = sr_bytes(dataset)
     temporary = path.with_name(f".{path.name}.tmp")
-    _write_durably(temporary, payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary.unlink(missing_ok=True)  # left by a worker killed mid-write
+    write_durably(temporary, payload)
     errors = validate_sr(temporary)
     if errors:
         temporary.unlink()
         raise InvalidReportError(f"{kind} SR failed validation: {errors[0]}")
     os.replace(temporary, path)
+    fsync_dir(path.parent)  # the name is durable before SQL records it
     return StructuredReport(
         job_id=job.id,
         kind=kind,
@@ -88,10 +85,27 @@ def _persist(runtime: Runtime, job: Job, kind: str, dataset: Dataset) -> Structu
     )
 
 
-def _existing(runtime: Runtime, job: Job) -> list[StructuredReport]:
+def report_kinds(job: Job) -> tuple[str, ...]:
+    """The SRs a job delivers: the two reports once the model read the series, else the short
+    not-analysed SR. A retried job may hold both kinds; only its current outcome's are sent."""
+    return (NARRATIVE_KIND, MEASUREMENT_KIND) if analysed(job) else (NOT_ANALYSED_KIND,)
+
+
+def reports_of(runtime: Runtime, job: Job) -> list[StructuredReport]:
+    """The persisted SRs of the job's current outcome, in the order they were built."""
     with runtime.database.session() as session:
-        rows = session.scalars(select(StructuredReport).where(StructuredReport.job_id == job.id)).all()
-    return list(rows) if rows and all(Path(row.path).is_file() for row in rows) else []
+        return list(
+            session.scalars(
+                select(StructuredReport)
+                .where(StructuredReport.job_id == job.id, StructuredReport.kind.in_(report_kinds(job)))
+                .order_by(StructuredReport.id)
+            )
+        )
+
+
+def _existing(runtime: Runtime, job: Job) -> list[StructuredReport]:
+    rows = reports_of(runtime, job)
+    return rows if rows and all(Path(row.path).is_file() for row in rows) else []
 
 
 def _algorithm(identity: ModelIdentity) -> AlgorithmIdentity:
@@ -130,8 +144,8 @@ def build_and_store(
     return _record(
         runtime,
         [
-            _persist(runtime, job, "narrative", pair.narrative),
-            _persist(runtime, job, "measurement", pair.measurement),
+            _persist(runtime, job, NARRATIVE_KIND, pair.narrative),
+            _persist(runtime, job, MEASUREMENT_KIND, pair.measurement),
         ],
     )
 
@@ -158,7 +172,3 @@ def build_not_analysed(
         predecessors=_predecessors(runtime, job),
     )
     return _record(runtime, [_persist(runtime, job, NOT_ANALYSED_KIND, dataset)])
-
-
-def has_not_analysed_report(runtime: Runtime, job: Job) -> bool:
-    return any(row.kind == NOT_ANALYSED_KIND for row in _existing(runtime, job))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 
 from celery import chain, shared_task, signals
 from celery.exceptions import SoftTimeLimitExceeded
@@ -22,8 +23,8 @@ from worker.app import BUILD_REPORTS_TASK, DELIVER_TASK, GPU_QUEUE, INFER_TASK, 
 from worker.convert import convert, load_volume, source_instances
 from worker.delivery import DemoModelGuardError, check_demo_guard, deliver
 from worker.inference import generate_report
-from worker.jobs import JobBook, Step
-from worker.reports import build_and_store, build_not_analysed, findings_to_json, has_not_analysed_report
+from worker.jobs import JobBook, Step, analysed
+from worker.reports import InvalidReportError, build_and_store, build_not_analysed, findings_to_json
 from worker.runtime import get_runtime
 
 logger = logging.getLogger("brain3d.worker")
@@ -39,12 +40,28 @@ def _warm_model(**_: object) -> None:
         get_runtime().model()
 
 
-def _fail(book: JobBook, job_id: int, step: Step, error: BaseException) -> None:
-    reason = (
-        f"{step}: time limit exceeded" if isinstance(error, SoftTimeLimitExceeded) else f"{step}: {error}"
-    )
-    logger.exception("job %s failed in %s", job_id, step)
-    book.finish(job_id, JobState.FAILED, reason[:2000])
+#: Errors whose messages this project writes from UIDs, paths of UIDs and validator findings only.
+_WORDED_HERE = (ConversionError, InvalidReportError, DemoModelGuardError, OSError)
+
+
+def failure_reason(step: Step, error: BaseException) -> str:
+    """What the job row, the audit trail and the log say about a failed step.
+
+    Any other error is named by its type alone: its message may quote header values (highdicom's
+    "Unable to convert '1970-01-31' to 'DA'" quotes a birth date), and those never leave the node's
+    spool. The traceback, which holds code and no values, goes to the worker log."""
+    if isinstance(error, SoftTimeLimitExceeded):
+        return f"{step}: time limit exceeded"
+    if isinstance(error, _WORDED_HERE):
+        return f"{step}: {error}"[:2000]
+    return f"{step}: {type(error).__name__} (message withheld: it may quote header values)"
+
+
+def _fail(book: JobBook, job_id: int, step: Step, error: BaseException, context: str = "") -> None:
+    reason = context + failure_reason(step, error)
+    traceback_text = "".join(traceback.format_tb(error.__traceback__))
+    logger.error("job %s failed: %s\n%s", job_id, reason, traceback_text)
+    book.finish(job_id, JobState.FAILED, reason)
 
 
 @shared_task(name=RUN_JOB_TASK)
@@ -78,9 +95,18 @@ def _not_analysed(book: JobBook, job_id: int, reason: str) -> None:
         book.finish(job_id, JobState.NOT_ANALYSED, reason)
         return
     job = book.get(job_id)
-    build_not_analysed(
-        runtime, job, source_instances(runtime, job), runtime.model_identity, reason, content_time=utcnow()
-    )
+    try:
+        build_not_analysed(
+            runtime,
+            job,
+            source_instances(runtime, job),
+            runtime.model_identity,
+            reason,
+            content_time=utcnow(),
+        )
+    except Exception as error:
+        _fail(book, job_id, Step.BUILD_REPORTS, error, context=f"not analysed ({reason}), and its SR: ")
+        return
     book.note_reason(job_id, reason)
     deliver_reports.delay(job_id)
 
@@ -150,10 +176,10 @@ def deliver_reports(self, job_id: int) -> None:
         return
     settings = runtime.settings.delivery
     # A series that was not analysed keeps that state and its reason once its short SR is out.
-    if has_not_analysed_report(runtime, job):
-        final_state, final_reason = JobState.NOT_ANALYSED, job.error_reason
-    else:
+    if analysed(job):
         final_state, final_reason = JobState.SUCCEEDED, None
+    else:
+        final_state, final_reason = JobState.NOT_ANALYSED, job.error_reason
     if settings.shadow_mode or not runtime.settings.destinations:
         book.complete(job_id, Step.DELIVER)
         book.finish(
@@ -162,7 +188,11 @@ def deliver_reports(self, job_id: int) -> None:
             final_reason or ("shadow mode: SRs kept locally" if settings.shadow_mode else None),
         )
         return
-    result = deliver(runtime, job)
+    try:
+        result = deliver(runtime, job)
+    except Exception as error:
+        _fail(book, job_id, Step.DELIVER, error)
+        raise
     if result.complete:
         book.complete(job_id, Step.DELIVER)
         book.finish(job_id, final_state, final_reason)

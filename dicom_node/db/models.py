@@ -54,7 +54,11 @@ class JobState(enum.StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.NOT_ANALYSED)
+        return self in FINAL_JOB_STATES
+
+
+#: The states a job never leaves.
+FINAL_JOB_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.NOT_ANALYSED)
 
 
 class SeriesState(enum.StrEnum):
@@ -170,6 +174,7 @@ class Job(Base):
     conversion_finished_at: Mapped[datetime | None]
     inference_started_at: Mapped[datetime | None]
     inference_finished_at: Mapped[datetime | None]
+    sr_build_started_at: Mapped[datetime | None]
     sr_built_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

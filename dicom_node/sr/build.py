@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import highdicom as hd
-from pydicom import Dataset, dcmwrite
+from pydicom import DataElement, Dataset, dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DT, TM
 
@@ -56,6 +56,7 @@ _PATIENT_STUDY_TYPE2 = (
 
 
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+_TEMPORAL_VRS = {"DA": DA, "DT": DT, "TM": TM}
 
 
 @dataclass(frozen=True)
@@ -225,9 +226,24 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     first = Dataset()
     first.update(ordered[0])
     for keyword in _PATIENT_STUDY_TYPE2:
-        if keyword not in first or first[keyword].value is None:
+        if keyword not in first or first[keyword].value is None or not _conforms(first[keyword]):
+            if keyword in first:
+                del first[keyword]  # its element is shared with the caller's dataset
             setattr(first, keyword, "")
     return [first, *ordered[1:]]
+
+
+def _conforms(element: DataElement) -> bool:
+    """Whether a date or time value parses: scanners send the odd ``1970-01-31`` birth date, which
+    highdicom refuses to copy; such a Type 2 value is left empty rather than failing the report."""
+    parse = _TEMPORAL_VRS.get(element.VR)
+    if parse is None or not element.value:
+        return True
+    try:
+        parse(element.value)
+    except ValueError:
+        return False
+    return True
 
 
 def _observation_context(algorithm: AlgorithmIdentity) -> hd.sr.ObservationContext:

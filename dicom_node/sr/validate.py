@@ -5,17 +5,22 @@ representations, enumerated values. ``dsrdump`` (dcmtk) reads the document tree 
 the SR-specific constraints (relationship and value-type rules of the IOD). Each catches
 errors the other misses, so an SR is sent only when both report none. A tool that is not
 installed is skipped; ``available_validators`` says which ran.
+
+dciodvfy quotes the offending value (a patient's name, a birth date) as ``[n] = <value>``;
+those values are withheld from the messages returned, which go to logs and the audit trail.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 VALIDATORS = ("dciodvfy", "dsrdump")
 _TIMEOUT_S = 60
+_QUOTED_VALUE = re.compile(r"(\[\d+\] = )<[^<>]*>")  # "PN [0] = <DOE^JOHN>"; names are <...> too
 
 
 def available_validators() -> tuple[str, ...]:
@@ -47,7 +52,11 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 def _dciodvfy(path: Path) -> list[str]:
     result = _run("dciodvfy", str(path))
     lines = (result.stdout + result.stderr).splitlines()
-    errors = [f"dciodvfy: {line.strip()}" for line in lines if line.startswith("Error")]
+    errors = [
+        "dciodvfy: " + _QUOTED_VALUE.sub(r"\1<value withheld>", line.strip())
+        for line in lines
+        if line.startswith("Error")
+    ]
     if result.returncode != 0 and not errors:
         errors.append(f"dciodvfy: exit status {result.returncode}: {' '.join(lines[-3:])}")
     return errors

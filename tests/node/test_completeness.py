@@ -10,16 +10,16 @@ from pacs import enhanced_mr, mr_series
 from pydantic import ValidationError
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import encode
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import COUNT_RULE_KEYWORDS, CountRule
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import Job, JobState, Series, SeriesState, Study
 from dicom_node.db.session import Database
-from dicom_node.ingest import InstanceHeaders, MalformedDatasetError, read_headers
+from dicom_node.ingest import Ingest, InstanceHeaders, InstanceOutcome, MalformedDatasetError, read_headers
 from dicom_node.retention import Retention
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, file_meta_bytes
 
 
 def _headers(dataset) -> InstanceHeaders:  # type: ignore[no-untyped-def]
@@ -135,3 +135,54 @@ def test_retention_never_removes_a_folder_written_just_now(sqlite_url: str, tmp_
     assert retention.run_once() == []
     assert spool.series_dir("1.1", "1.1.1").exists()
     database.dispose()
+
+
+def test_an_instance_re_sent_after_retention_is_removed_again(sqlite_url: str, tmp_path: Path) -> None:
+    """A PACS re-sending a series whose spool retention removed: SQL has the instance (a duplicate),
+    the spool has its file again, and retention must see that file, or it would stay forever."""
+    upgrade(sqlite_url)
+    database = Database(sqlite_url)
+    spool = Spool(tmp_path / "spool")
+    retention = Retention(
+        database, spool, AuditTrail(database, b"k" * 32), retention_hours=1, guard_seconds=0
+    )
+    dataset = mr_series(1)[0]
+    data = encode(dataset, False, True)
+    headers = _headers(dataset)
+    file_meta = file_meta_bytes(dataset.SOPClassUID, dataset.SOPInstanceUID, ExplicitVRLittleEndian)
+    ingest = Ingest(database)
+    ingest.start()
+
+    def receive() -> InstanceOutcome:
+        spooled = spool.store(
+            headers.study_uid, headers.series_uid, headers.sop_instance_uid, file_meta, data
+        )
+        return ingest.record_instance(
+            headers,
+            spooled,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            association_id=None,
+            received_at=datetime.now(UTC),
+        ).result()
+
+    try:
+        assert receive() is InstanceOutcome.STORED
+        with database.session() as session:  # complete and not eligible, two hours ago
+            session.execute(
+                update(Series).values(
+                    state=SeriesState.COMPLETE, completed_at=datetime.now(UTC) - timedelta(hours=2)
+                )
+            )
+        assert [r.series_uid for r in retention.run_once()] == [headers.series_uid]
+        folder = spool.series_dir(headers.study_uid, headers.series_uid)
+        assert not folder.exists()
+
+        assert receive() is InstanceOutcome.DUPLICATE
+        assert folder.exists(), "the re-sent file is on disk again"
+        with database.session() as session:
+            assert session.execute(select(Series.spool_removed_at)).scalar_one() is None
+        assert [r.series_uid for r in retention.run_once()] == [headers.series_uid]
+        assert not folder.exists()
+    finally:
+        ingest.stop()
+        database.dispose()

@@ -75,6 +75,10 @@ def test_mixed_series_and_unreadable_files_are_conversion_errors(tmp_path) -> No
         series_to_nifti([*first, junk], tmp_path / "work")
     with pytest.raises(ConversionError, match="no_instances"):
         series_to_nifti([], tmp_path / "work")
+    # An I/O error is no verdict on the series: it propagates, so the job fails and can be retried.
+    with pytest.raises(OSError) as caught:
+        series_to_nifti([*first, tmp_path / "vanished.dcm"], tmp_path / "work")
+    assert not isinstance(caught.value, ConversionError)
 
 
 def test_affine_cross_check_rejects_a_mirrored_affine(tmp_path) -> None:

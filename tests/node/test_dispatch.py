@@ -12,7 +12,7 @@ from pacs import Orthanc, StoreSCP, free_port, mr_series
 from pydicom.uid import ComprehensiveSRStorage, MRImageStorage
 from pynetdicom import AE, _config, evt
 
-from dicom_node.dispatch import DicomDestination, FolderDestination, is_loopback
+from dicom_node.dispatch import DicomDestination, is_loopback
 from dicom_node.sr import AlgorithmIdentity, build_reports, sr_bytes
 from inference.report_schema import Findings, Lobe, Side, render
 
@@ -146,36 +146,6 @@ def test_a_refused_instance_carries_its_status(refusing_scp: int, study) -> None
         f"FULL@127.0.0.1:{refusing_scp} refused {narrative}: status 0xA700; "
         f"FULL@127.0.0.1:{refusing_scp} accepted no context for {measurement}"
     )
-
-
-def test_folder_destination_writes_atomically_and_idempotently(tmp_path: Path, study) -> None:
-    _, sr_files = study
-    destination = FolderDestination(tmp_path / "shadow")
-    first = destination.send(sr_files)
-    second = destination.send(sr_files)
-    assert first.ok and second.ok
-    written = sorted((tmp_path / "shadow").rglob("*"))
-    files = [path for path in written if path.is_file()]
-    assert len(files) == 2
-    assert not [path for path in written if path.name.startswith(".incoming-")]
-    header = pydicom.dcmread(sr_files[0], stop_before_pixels=True)
-    target = (
-        tmp_path
-        / "shadow"
-        / header.StudyInstanceUID
-        / header.SeriesInstanceUID
-        / f"{header.SOPInstanceUID}.dcm"
-    )
-    assert target.read_bytes() == sr_files[0].read_bytes()
-
-
-def test_folder_destination_reports_an_unwritable_folder(tmp_path: Path, study) -> None:
-    _, sr_files = study
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("x")
-    outcome = FolderDestination(blocker).send(sr_files)
-    assert not outcome.ok
-    assert outcome.error is not None and outcome.error.startswith("cannot write to")
 
 
 def test_an_unreadable_file_is_a_failure_outcome(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
 from dicom_node.acquisition import PRESETS
@@ -474,6 +475,12 @@ def test_rule_on_a_missing_attribute_matches_only_the_empty_pattern() -> None:
     settings = RoutingSettings(rules=[RoutingRule(action="exclude", match={"StationName": ""})])
     assert route_series(mr(**SIEMENS_2D_FLAIR), settings).code == "rule_exclude"
     assert route_series(mr(**SIEMENS_2D_FLAIR, StationName="MR1"), settings).code == "flair"
+
+
+def test_a_rule_on_a_misspelt_keyword_is_refused_with_the_keyword_named() -> None:
+    # Read as an absent attribute, "SeriesDescripton": "*" would match every series.
+    with pytest.raises(ValidationError, match="SeriesDescripton: not a DICOM keyword"):
+        RoutingRule(action="include", match={"SeriesDescripton": "*", "StationName": "MR1"})
 
 
 @pytest.mark.parametrize("enhanced", [False, True], ids=["classic", "enhanced"])

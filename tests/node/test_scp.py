@@ -86,6 +86,7 @@ def test_malformed_dataset_is_refused_and_audited_while_others_carry_on(tmp_path
         ]
         assert len(failures) == 1 and failures[0]["outcome"] == 8
         assert "UID" in failures[0]["detail"]["reason"]
+        assert failures[0]["detail"]["sop_instance_uid"] == malformed[0].SOPInstanceUID, "traceable"
 
 
 def test_same_uid_with_different_content_is_kept_and_flagged(tmp_path: Path) -> None:

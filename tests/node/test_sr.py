@@ -20,6 +20,7 @@ from dicom_node.sr import (
     AI_DISCLAIMER,
     DEMO_DISCLAIMER,
     AlgorithmIdentity,
+    ReportPair,
     build_reports,
     not_analysed_report,
     read_coded_findings,
@@ -81,6 +82,19 @@ def _coded_subset(findings: Findings) -> Findings:
     )
 
 
+def _reports(sources: list[Dataset], findings: Findings = LEFT_FRONTAL) -> ReportPair:
+    """Both SRs of ``findings`` (rendered as the report text) on ``sources``, clinical model."""
+    return build_reports(
+        sources,
+        render(findings),
+        findings,
+        ALGORITHM,
+        input_hash=INPUT_HASH,
+        content_datetime=WHEN,
+        synthetic_demo=False,
+    )
+
+
 def _written(dataset: Dataset, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.dcm"
     path.write_bytes(sr_bytes(dataset))
@@ -139,15 +153,7 @@ def test_reports_are_valid_and_say_what_the_text_says(case: str, demo: bool, tmp
 def test_laterality_codes_are_snomed_left_and_right_not_swapped() -> None:
     sources = mr_series(2, with_pixels=False)
     left, right = (
-        build_reports(
-            sources,
-            render(f),
-            f,
-            ALGORITHM,
-            input_hash=INPUT_HASH,
-            content_datetime=WHEN,
-            synthetic_demo=False,
-        ).measurement
+        _reports(sources, f).measurement
         for f in (LEFT_FRONTAL, Findings(abnormal=True, side=Side.RIGHT, lobes=frozenset({Lobe.FRONTAL})))
     )
 
@@ -161,15 +167,7 @@ def test_laterality_codes_are_snomed_left_and_right_not_swapped() -> None:
 
 
 def test_round_trip_through_highdicom_srread(tmp_path: Path) -> None:
-    pair = build_reports(
-        mr_series(3, with_pixels=False),
-        render(RIGHT_TEMPOROPARIETAL),
-        RIGHT_TEMPOROPARIETAL,
-        ALGORITHM,
-        input_hash=INPUT_HASH,
-        content_datetime=WHEN,
-        synthetic_demo=False,
-    )
+    pair = _reports(mr_series(3, with_pixels=False), RIGHT_TEMPOROPARIETAL)
     measurement = hd.sr.srread(_written(pair.measurement, tmp_path, "m"))
     narrative = hd.sr.srread(_written(pair.narrative, tmp_path, "n"))
 
@@ -282,15 +280,7 @@ def test_timezone_aware_report_time_records_its_offset(tmp_path: Path) -> None:
 
 def test_reprocessed_series_cites_its_predecessors(tmp_path: Path) -> None:
     sources = mr_series(3, with_pixels=False)
-    first = build_reports(
-        sources,
-        render(LEFT_FRONTAL),
-        LEFT_FRONTAL,
-        ALGORITHM,
-        input_hash=INPUT_HASH,
-        content_datetime=WHEN,
-        synthetic_demo=False,
-    )
+    first = _reports(sources)
     late = mr_series(
         1, study_uid=sources[0].StudyInstanceUID, series_uid=sources[0].SeriesInstanceUID, with_pixels=False
     )
@@ -340,15 +330,7 @@ def test_not_analysed_report_says_why(tmp_path: Path) -> None:
 
 def test_enhanced_mr_multiframe_source(tmp_path: Path) -> None:
     source = enhanced_mr(10)
-    pair = build_reports(
-        [source],
-        render(BILATERAL_OCCIPITAL),
-        BILATERAL_OCCIPITAL,
-        ALGORITHM,
-        input_hash=INPUT_HASH,
-        content_datetime=WHEN,
-        synthetic_demo=False,
-    )
+    pair = _reports([source], BILATERAL_OCCIPITAL)
     for name, document in (("n", pair.narrative), ("m", pair.measurement)):
         assert validate_sr(_written(document, tmp_path, name)) == []
         assert _evidence_uids(document) == {source.SOPInstanceUID}
@@ -362,19 +344,33 @@ def test_sparse_and_non_ascii_source_headers(tmp_path: Path) -> None:
     for ds in sources:
         ds.SpecificCharacterSet = "ISO_IR 192"
         del ds.PatientBirthDate, ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName
-    pair = build_reports(
-        sources,
-        render(LEFT_FRONTAL),
-        LEFT_FRONTAL,
-        ALGORITHM,
-        input_hash=INPUT_HASH,
-        content_datetime=WHEN,
-        synthetic_demo=False,
-    )
+    pair = _reports(sources)
     path = _written(pair.narrative, tmp_path, "n")
     assert validate_sr(path) == []
     assert str(pydicom.dcmread(path).PatientName) == "Müller^Jörg"
     assert "PatientBirthDate" not in sources[0]  # the caller's datasets are not modified
+
+
+def test_a_malformed_birth_date_is_left_empty_rather_than_failing_the_report(tmp_path: Path) -> None:
+    sources = mr_series(2, with_pixels=False)
+    for ds in sources:
+        ds.PatientBirthDate = "1970-01-31"  # ISO, not DICOM's YYYYMMDD: highdicom refuses it
+    pair = _reports(sources)
+    path = _written(pair.measurement, tmp_path, "m")
+    assert validate_sr(path) == []
+    written = pydicom.dcmread(path)
+    assert written.PatientBirthDate == "" and written.PatientID == sources[0].PatientID
+    assert sources[0].PatientBirthDate == "1970-01-31"  # the caller's datasets are not modified
+
+
+def test_validator_messages_withhold_the_values_they_quote(tmp_path: Path) -> None:
+    """An invalid patient name fails validation; the message names the attribute, not the patient."""
+    name = "DOE^JOHN" + "X" * 70  # longer than PN's 64 characters
+    sources = mr_series(2, patient_name=name, with_pixels=False)
+    pair = _reports(sources, NORMAL)
+    errors = validate_sr(_written(pair.narrative, tmp_path, "n"))
+    assert any("Patient's Name" in error for error in errors)
+    assert not any("DOE" in error for error in errors)
 
 
 def test_sources_from_two_series_are_refused() -> None:
@@ -391,15 +387,7 @@ def test_sources_from_two_series_are_refused() -> None:
 
 
 def test_validators_report_errors_of_a_broken_sr(tmp_path: Path) -> None:
-    pair = build_reports(
-        mr_series(1, with_pixels=False),
-        render(NORMAL),
-        NORMAL,
-        ALGORITHM,
-        input_hash=INPUT_HASH,
-        content_datetime=WHEN,
-        synthetic_demo=False,
-    )
+    pair = _reports(mr_series(1, with_pixels=False), NORMAL)
     missing_flag = pydicom.dcmread(io.BytesIO(sr_bytes(pair.narrative)))
     del missing_flag.CompletionFlag
     missing_flag.save_as(tmp_path / "flag.dcm")
@@ -415,15 +403,7 @@ def test_validators_report_errors_of_a_broken_sr(tmp_path: Path) -> None:
 
 def test_the_only_warnings_are_the_declared_local_codes(tmp_path: Path) -> None:
     """dciodvfy does not know the private scheme; nothing else may draw a warning."""
-    pair = build_reports(
-        mr_series(2, with_pixels=False),
-        render(LEFT_FRONTAL),
-        LEFT_FRONTAL,
-        ALGORITHM,
-        input_hash=INPUT_HASH,
-        content_datetime=WHEN,
-        synthetic_demo=False,
-    )
+    pair = _reports(mr_series(2, with_pixels=False))
     assert warnings_of(_written(pair.narrative, tmp_path, "n")) == []
     measurement_warnings = warnings_of(_written(pair.measurement, tmp_path, "m"))
     assert measurement_warnings and all("<99BRAIN3D>" in warning for warning in measurement_warnings)

@@ -9,13 +9,15 @@ import pytest
 from kombu import Connection
 
 from dicom_node.config import load_settings
-from dicom_node.db import AuditEvent, Job, JobState, Series, Study
+from dicom_node.db import AuditEvent, Job, JobState, Series, StructuredReport, Study
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
 from worker.app import CPU_QUEUE, GPU_QUEUE, create_app
 from worker.jobs import JobBook, Step, stale_jobs
 from worker.reconciler import reconcile_once
+from worker.reports import MEASUREMENT_KIND, NARRATIVE_KIND, NOT_ANALYSED_KIND, InvalidReportError, reports_of
 from worker.runtime import Runtime
+from worker.tasks import failure_reason
 
 
 @pytest.fixture
@@ -69,6 +71,20 @@ def test_an_interrupted_step_counts_as_an_attempt_and_the_job_fails_past_the_cap
     assert "infer interrupted 2 times" in job.error_reason
 
 
+def test_an_sr_build_that_keeps_killing_its_worker_ends_the_job_failed(runtime):
+    job_id = _job(runtime)
+    book = JobBook(runtime)
+    book.claim(job_id)
+    for step in (Step.CONVERT, Step.INFER):
+        book.begin(job_id, step)
+        book.complete(job_id, step)
+    assert book.begin(job_id, Step.BUILD_REPORTS).attempts == 1
+    assert book.begin(job_id, Step.BUILD_REPORTS).attempts == 2, "the redelivered build is a second attempt"
+    assert book.begin(job_id, Step.BUILD_REPORTS) is None
+    job = book.get(job_id)
+    assert job.state == JobState.FAILED and "build_reports interrupted 2 times" in job.error_reason
+
+
 def test_a_final_job_is_never_changed_again(runtime):
     job_id = _job(runtime)
     book = JobBook(runtime)
@@ -119,3 +135,35 @@ def test_reconciler_resends_each_stale_job_once_per_period(runtime):
         cpu.close()
         gpu.close()
     assert sent == {("brain3d.run_job", f"[{lost}]"), ("brain3d.infer", f"[{dead}]")}
+
+
+def test_a_retried_job_delivers_only_the_srs_of_its_current_outcome(runtime):
+    """A job first not analysed (its short SR sent), then retried and read by the model, holds
+    SRs of both kinds; delivery must send the two reports, and the job end succeeded."""
+    job_id = _job(runtime)
+    with runtime.database.session() as session:
+        for number, kind in enumerate((NOT_ANALYSED_KIND, NARRATIVE_KIND, MEASUREMENT_KIND)):
+            session.add(
+                StructuredReport(
+                    job_id=job_id,
+                    kind=kind,
+                    series_instance_uid="1.2.9",
+                    sop_instance_uid=f"1.2.9.{job_id}.{number}",
+                    path=f"/reports/{number}.dcm",
+                    sha256="0" * 64,
+                )
+            )
+    book = JobBook(runtime)
+    assert [row.kind for row in reports_of(runtime, book.get(job_id))] == [NOT_ANALYSED_KIND]
+    book.complete(job_id, Step.INFER)
+    assert [row.kind for row in reports_of(runtime, book.get(job_id))] == [NARRATIVE_KIND, MEASUREMENT_KIND]
+
+
+def test_failure_reasons_never_quote_header_values():
+    quoted = ValueError("Unable to convert '1970-01-31' to 'DA' object")
+    assert "1970" not in failure_reason(Step.BUILD_REPORTS, quoted)
+    assert failure_reason(Step.BUILD_REPORTS, quoted).startswith("build_reports: ValueError")
+    worded = InvalidReportError("narrative SR failed validation: dciodvfy: Error - <value withheld>")
+    assert failure_reason(Step.BUILD_REPORTS, worded).endswith("<value withheld>"), (
+        "own errors keep their words"
+    )
