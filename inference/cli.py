@@ -58,14 +58,27 @@ def train(
     grid = Brain3DConfig.from_preset(preset).input_grid
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "data.pt"
+    source = (
+        {"synthetic_cases": cases, "synthetic_seed": seed + 1_000_003}
+        if synthetic
+        else {"manifest": str(manifest.resolve())}  # type: ignore[union-attr]
+    ) | {"grid": list(grid)}
     start = time.perf_counter()
     if cache.exists():
         data = training.TrainingData.load(cache)
-    elif synthetic:
-        data = training.synthetic_data(cases, seed + 1_000_003, grid)
-        data.save(cache)
+        if data.source != source:
+            typer.echo(
+                f"error: {cache} holds data prepared from {data.source or 'an unrecorded source'}, "
+                f"not {source}: remove it or train into another --out",
+                err=True,
+            )
+            raise typer.Exit(2)
     else:
-        data = training.manifest_data(manifest, grid)  # type: ignore[arg-type]
+        if synthetic:
+            data = training.synthetic_data(cases, source["synthetic_seed"], grid)
+        else:
+            data = training.manifest_data(manifest, grid)  # type: ignore[arg-type]
+        data.source = source
         data.save(cache)
     typer.echo(
         f"data: {len(data.indices('train'))} train, {len(data.indices('val'))} val, "
@@ -125,7 +138,11 @@ def import_data(
 
     if brats is None and healthy is None:
         raise typer.BadParameter("give --brats and/or --healthy")
-    entries = import_brats(brats, out, reports, healthy, seed)
+    try:
+        entries = import_brats(brats, out, reports, healthy, seed)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
     counts = Counter((e["source"], e["split"]) for e in entries)
     typer.echo(f"wrote {len(entries)} entries to {out}: {dict(sorted(counts.items()))}")
 

@@ -27,8 +27,3 @@ def ras_array_to_dhw(ras_array: np.ndarray) -> np.ndarray:
     if ras_array.ndim != 3:
         raise ValueError(f"expected a 3D array, got shape {ras_array.shape}")
     return np.ascontiguousarray(np.transpose(ras_array, RAS_TO_DHW))
-
-
-def dhw_to_ras_array(dhw: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`ras_array_to_dhw`."""
-    return np.ascontiguousarray(np.transpose(dhw, RAS_TO_DHW))

@@ -17,7 +17,9 @@ size from the tumour core's equivalent radius, ventricular compression when the 
 the periventricular box of :mod:`inference.synthetic`; midline shift is not derived (False).
 Findings of TextBraTS reports are read with :func:`inference.report_schema.parse`.
 
-Splits are by subject, stratified by side, seeded (70/10/20).
+Splits are by subject, stratified by side, seeded (70/10/20). A BraTS 2021 case and its BraTS
+2023 renaming are one subject; BraTS 2020 cannot be mixed with the later editions in one import
+(they share patients under names no published table maps).
 """
 
 from __future__ import annotations
@@ -35,14 +37,13 @@ from inference.report_schema import (
     NORMAL,
     NORMAL_SENTENCES,
     Findings,
-    Lobe,
     Side,
     Size,
     findings_to_dict,
     parse,
 )
 from inference.report_schema import render as render_report
-from inference.synthetic import LOBE_CODES, SIZE_RADIUS_MM, lobe_map
+from inference.synthetic import LOBE_CODES, SIZE_RADIUS_MM, lobe_map, ventricle_box
 
 _FLAIR = re.compile(r"^(?P<case>.+?)(?:_flair|-t2f)\.nii(?:\.gz)?$")
 #: MNI brain extent (mm) the head's bounding box is mapped onto, per RAS axis.
@@ -50,8 +51,24 @@ MNI_BRAIN_BOX = np.array([[-70.0, 70.0], [-104.0, 70.0], [-48.0, 80.0]])
 
 
 def _subject_of(case: str) -> str:
+    """The patient behind a case name, the same across editions: BraTS 2023 renamed BraTS 2021's
+    ``BraTS2021_00007`` to ``BraTS-GLI-00007-000`` (the last number a time point)."""
+    if match := re.match(r"^BraTS2021_(\d+)$", case):
+        return f"BraTS-GLI-{match.group(1)}"
     match = re.match(r"^(BraTS-[A-Z]+-\d+)-\d+$", case)
     return match.group(1) if match else case
+
+
+def _refuse_mixed_2020(cases: list[str]) -> None:
+    """BraTS 2021 holds BraTS 2020's patients under new names and no published table maps them:
+    mixed in one import, one patient could land in training and test."""
+    is_2020 = [case.startswith("BraTS20_") for case in cases]
+    if any(is_2020) and not all(is_2020):
+        raise ValueError(
+            "the --brats folder mixes BraTS 2020 cases with BraTS 2021/2023 ones, which include the "
+            "same patients under names that cannot be matched: import one edition (TextBraTS "
+            "reports are BraTS 2020's)"
+        )
 
 
 def _seg_path(flair: Path, case: str) -> Path | None:
@@ -101,12 +118,11 @@ def findings_from_segmentation(
         if radius < SIZE_RADIUS_MM[Size.LARGE][0]
         else Size.LARGE
     )
-    x, y, z = mni.T
-    periventricular = (np.abs(x) < 25) & (y > -40) & (y < 25) & (z > 0) & (z < 30)
+    periventricular = ventricle_box(*mni.T)
     return Findings(
         abnormal=True,
         side=side,
-        lobes=frozenset({lobe}) if isinstance(lobe, Lobe) else frozenset(),
+        lobes=frozenset({lobe}),
         edema=bool((labels == 2).any()),
         necrosis=bool((labels == 1).any()),
         enhancement=bool((labels == enhancing_label).any()),
@@ -134,6 +150,7 @@ def import_brats(
     base = out.parent.resolve()
     entries: list[dict] = []
     flairs = sorted(p for p in (brats_dir.rglob("*.nii*") if brats_dir else []) if _FLAIR.match(p.name))
+    _refuse_mixed_2020([_FLAIR.match(p.name).group("case") for p in flairs])  # type: ignore[union-attr]
     for flair_path in flairs:
         case = _FLAIR.match(flair_path.name).group("case")  # type: ignore[union-attr]
         seg_path = _seg_path(flair_path, case)

@@ -22,14 +22,27 @@ import torch
 from inference.preprocessing import HasInputGrid, prepare
 from inference.report_schema import Findings, findings_from_dict
 
-SPLITS = ("train", "val", "test")
+#: What every manifest entry must hold (``brain3d synth`` and ``brain3d data import`` write them).
+REQUIRED_KEYS = ("id", "path", "report", "findings", "split")
 
 
 def read_manifest(path: str | Path) -> list[dict]:
+    """The entries of a ``manifest.jsonl``; a line that is not a JSON object with the required
+    keys is refused with its file and line number."""
     path = Path(path)
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for entry in entries:
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        missing = [key for key in REQUIRED_KEYS if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
         entry["_base"] = str(path.parent.resolve())
+        entries.append(entry)
     return entries
 
 

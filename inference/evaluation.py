@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,8 +21,11 @@ from inference.configuration_brain3d import INFLATED_3D, SLICES_2D, Brain3DConfi
 from inference.metrics import evaluate_reports, side_confusion
 from inference.report_schema import parse
 
+if TYPE_CHECKING:
+    from inference.modeling_brain3d import Brain3D
 
-def generate_reports(model, volumes: torch.Tensor, batch_size: int = 16) -> tuple[list[str], float]:
+
+def generate_reports(model: Brain3D, volumes: torch.Tensor, batch_size: int = 16) -> tuple[list[str], float]:
     """Reports for ``(N, 1, D, H, W)`` volumes, and the mean seconds per study."""
     reports: list[str] = []
     start = time.perf_counter()
@@ -39,7 +43,7 @@ def score(
     return metrics
 
 
-def synthetic_evaluation(model, cases: int, seed: int, lesional_fraction: float = 0.7) -> dict:
+def synthetic_evaluation(model: Brain3D, cases: int, seed: int, lesional_fraction: float = 0.7) -> dict:
     """Metrics on ``cases`` fresh synthetic cases of ``seed`` (prepared like any file)."""
     import nibabel as nib
 

@@ -619,6 +619,7 @@ class Brain3D(nn.Module):
         volumes: torch.Tensor,
         report_texts: list[str],
         embed_reports: Callable[[list[str]], torch.Tensor] | None = None,
+        same_findings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Symmetric InfoNCE between mean-pooled visual tokens and report embeddings: from
         ``embed_reports`` (a 2D checkpoint's text tower) where given, else the frozen decoder's
@@ -626,6 +627,9 @@ class Brain3D(nn.Module):
 
         The other studies of the batch are the negatives, so a batch of one has no signal (the
         published code's default batch size of 1 made its stage 1 a no-op): that raises ValueError.
+        ``same_findings`` (``(B, B)`` bool) marks pairs whose findings are equal, such as two
+        controls or a control and its mirror image: they are left out of each other's negatives,
+        since no image could tell their reports apart.
         """
         if volumes.shape[0] < 2 or len(report_texts) != volumes.shape[0]:
             raise ValueError(
@@ -638,6 +642,11 @@ class Brain3D(nn.Module):
             text = F.normalize(embed(report_texts).float(), dim=-1)
         logits = visual @ text.T / self.config.contrastive_temperature
         targets = torch.arange(len(report_texts), device=logits.device)
+        if same_findings is not None:
+            not_negative = same_findings.to(logits.device) & ~torch.eye(
+                len(report_texts), dtype=torch.bool, device=logits.device
+            )
+            logits = logits.masked_fill(not_negative, float("-inf"))
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
     def language_modeling_loss(self, volumes: torch.Tensor, report_texts: list[str]) -> torch.Tensor:
@@ -871,9 +880,12 @@ class Brain3D(nn.Module):
                 tokenizer=tokenizer,
                 expected_sha256={part: ref["sha256"] for part, ref in config.base_weights.items()},
             )
-            missing = set(state) - set(dict(model.named_parameters()))
-            if missing:
-                raise ValueError(f"unexpected weights in {directory}: {sorted(missing)[:5]}")
+            unexpected = set(state) - set(dict(model.named_parameters()))
+            if unexpected:
+                raise ValueError(f"unexpected weights in {directory}: {sorted(unexpected)[:5]}")
+            missing = set(model._trained_here_state()) - set(state)
+            if missing:  # a truncated file would leave these at their random initialisation
+                raise ValueError(f"weights missing from {directory / WEIGHTS_NAME}: {sorted(missing)[:5]}")
             model.load_state_dict(state, strict=False)
             adapter = directory / ADAPTER_DIR / "adapter_model.safetensors"
             if adapter.exists() and isinstance(model.language_model, PeftModel):

@@ -80,6 +80,18 @@ def foreground_mask(volume: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
+def _require_orientation(image: nib.spatialimages.SpatialImage) -> None:
+    """A NIfTI whose qform and sform codes are both 0 states no orientation: nibabel falls back
+    to a diagonal affine whose left-right sense is a guess, so such a file is refused."""
+    if isinstance(image, nib.Nifti1Image | nib.Nifti2Image) and (
+        image.get_sform(coded=True)[1] == 0 and image.get_qform(coded=True)[1] == 0
+    ):
+        raise ValueError(
+            "the NIfTI header states no orientation (qform_code and sform_code are both 0), so left "
+            "and right cannot be told apart; rewrite it with its scanner affine"
+        )
+
+
 def _sample_positions(low: int, high: int, size: int) -> tuple[np.ndarray, float]:
     """Voxel positions of ``size`` cell centres spanning [low, high] plus the margin, and the step."""
     extent = (high - low + 1) * (1 + BOX_MARGIN)
@@ -91,6 +103,7 @@ def _sample_positions(low: int, high: int, size: int) -> tuple[np.ndarray, float
 def prepare(image: nib.spatialimages.SpatialImage, grid: Sequence[int] | HasInputGrid) -> torch.Tensor:
     """The model's input tensor ``(1, D, H, W)`` for one FLAIR volume (float32, values in [0, 1])."""
     depth, height, width = _grid_of(grid)
+    _require_orientation(image)
     canonical = nib.as_closest_canonical(image)
     volume = np.asarray(canonical.dataobj, dtype=np.float32)
     if volume.ndim == 4 and volume.shape[3] == 1:

@@ -155,6 +155,11 @@ def lobe_map(world: np.ndarray) -> np.ndarray:
     return lobes
 
 
+def ventricle_box(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Where the lateral ventricles are, in MNI mm: a lesion reaching it compresses them."""
+    return (np.abs(x) < 25) & (y > -40) & (y < 25) & (z > 0) & (z < 30)
+
+
 @functools.lru_cache(maxsize=1)
 def _static_maps() -> dict[str, np.ndarray]:
     """Per-template maps every case reuses: world coordinates, lobes, depth, shell distance."""
@@ -165,8 +170,7 @@ def _static_maps() -> dict[str, np.ndarray]:
     head = ndimage.binary_closing(brain, iterations=3)
     head = ndimage.binary_fill_holes(head)
     outside_mm = ndimage.distance_transform_edt(~head) * TEMPLATE_SPACING
-    x, y, z = world
-    ventricles = (np.abs(x) < 25) & (y > -40) & (y < 25) & (z > 0) & (z < 30)
+    ventricles = ventricle_box(*world)
     return {
         "world": world,
         "lobes": lobe_map(world),
@@ -420,10 +424,12 @@ def lesional_flags(cases: int, seed: int, lesional_fraction: float = 0.7) -> np.
     return np.random.default_rng([seed, 0xF1A6]).permutation(flags)
 
 
-def generate_cases(cases: int, seed: int, lesional_fraction: float = 0.7, start: int = 0) -> Iterator[Case]:
-    """``cases`` cases of one seed; case ``i`` depends only on (seed, i), never on the others."""
+def generate_cases(cases: int, seed: int, lesional_fraction: float = 0.7) -> Iterator[Case]:
+    """``cases`` cases of one seed. Which cases are lesional is a seeded permutation over all
+    ``cases`` (exactly the fraction asked for); given that flag, case ``i`` depends only on
+    (seed, i). A set of another size from the same seed is therefore a different set."""
     flags = lesional_flags(cases, seed, lesional_fraction)
-    for index in range(start, cases):
+    for index in range(cases):
         yield synthesize_case(f"syn-{seed}-{index:05d}", bool(flags[index]), (seed, index))
 
 

@@ -11,9 +11,12 @@ Stages (``--stage``):
 - ``lora`` (stage 2b): those plus LoRA (and the whole decoder when not pretrained).
 
 Every stage: seeded, progress bar, validation, best checkpoint (``<out>/<stage>/best``),
-resume from ``<out>/<stage>/last.pt``, JSON log and loss-curve PNG, gradient accumulation,
-bf16 autocast on a GPU. Reports are re-rendered from their findings with fresh wording at
-every step for synthetic data, so the decoder learns findings rather than one phrasing.
+resume from ``<out>/<stage>/last.pt`` (weights, optimiser and the data position, so a resumed
+stage sees the batches an uninterrupted one would), JSON log and loss-curve PNG, gradient
+accumulation, bf16 autocast on a GPU. Studies with equal findings (two controls, a control and
+its mirrored twin) are positives of each other in ``pretrain-2d`` and never negatives in stage 1.
+Reports are re-rendered from their findings with fresh wording at every step for synthetic data,
+so the decoder learns findings rather than one phrasing.
 
 Presets without pretrained vision weights (``tiny``, ``demo``) also train the encoder in the
 language-modelling stages (``vision_in_lm_stages``): there is no pretrained feature to keep.
@@ -29,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +41,9 @@ from tqdm import tqdm
 
 from inference.convention import LEFT_RIGHT_AXIS
 from inference.report_schema import NORMAL_SENTENCES, Findings, mirrored, parse, render
+
+if TYPE_CHECKING:  # the model module imports torch and transformers: loaded where it is used
+    from inference.modeling_brain3d import Brain3D
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +84,25 @@ class TrainingData:
     reports: list[str]
     splits: list[str]
     rerender: bool = True  # synthetic reports come from findings: fresh wording each time
+    #: What the data were prepared from (synthetic cases and seed, or a manifest) and on which grid:
+    #: a cached copy is only reused for the same source.
+    source: dict[str, Any] = field(default_factory=dict)
 
     def batch(
         self, batch: list[int], rng: random.Random, device: torch.device, mirror: bool = False
-    ) -> tuple[torch.Tensor, list[str]]:
-        """Volumes and reports of ``batch``. With ``mirror`` (synthetic data only) the first half
+    ) -> tuple[torch.Tensor, list[str], list[Findings]]:
+        """Volumes, reports and findings of ``batch``. With ``mirror`` (synthetic data only) the first half
         of ``batch`` comes with its left-right mirrored twins instead of the second half: volume
         flipped, the report re-rendered with the side swapped. A study and its twin differ only
         in side, so the contrastive loss has to tell them apart and the decoder sees the side as
         the one thing that changes."""
         if not (mirror and self.rerender):
-            return self.volumes[batch].to(device), [self.report_for(i, rng) for i in batch]
+            reports = [self.report_for(i, rng) for i in batch]
+            return self.volumes[batch].to(device), reports, [self.findings[i] for i in batch]
         originals, findings = self.twins(batch)
         volumes = self.volumes[originals].to(device)
         volumes = torch.cat([volumes, volumes.flip(LEFT_RIGHT_AXIS)])
-        return volumes, [render(f, rng) for f in findings]
+        return volumes, [render(f, rng) for f in findings], findings
 
     def twins(self, batch: list[int]) -> tuple[list[int], list[Findings]]:
         """The first half of ``batch``, and the findings of it followed by those of its mirrors."""
@@ -117,6 +128,7 @@ class TrainingData:
                 "reports": self.reports,
                 "splits": self.splits,
                 "rerender": self.rerender,
+                "source": self.source,
             },
             path,
         )
@@ -132,6 +144,7 @@ class TrainingData:
             stored["reports"],
             stored["splits"],
             stored["rerender"],
+            stored.get("source", {}),
         )
 
 
@@ -278,7 +291,13 @@ def run_loop(
         np.random.set_state(saved["numpy_rng"])
         torch.set_rng_state(saved["torch_rng"])
         logger.info("resuming stage %s at step %d", stage, state["step"])
-    rng = random.Random(seed + state["step"])
+    # Where the data stand (this epoch's order, the next batch, the batch randomness): saved with
+    # the weights, so a resumed stage sees exactly the batches an uninterrupted one would have.
+    rng = random.Random(seed)
+    position = {"order": np.random.default_rng(seed).permutation(train_indices).tolist(), "cursor": 0}
+    if saved is not None:
+        rng.setstate(saved["batch_rng"])
+        position = saved["position"]
     progress = tqdm(total=total_steps, initial=state["step"], desc=stage, leave=False)
 
     def checkpoint() -> None:
@@ -292,6 +311,8 @@ def run_loop(
                 "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "batch_rng": rng.getstate(),
+                "position": position,
             },
             last,
         )
@@ -312,17 +333,15 @@ def run_loop(
 
     for module in modules:
         module.train()
-    order = np.random.default_rng(seed).permutation(train_indices).tolist()
-    cursor = (state["step"] * settings.micro_batch * settings.accumulation) % len(order)
     while state["step"] < total_steps and time.perf_counter() - started < budget:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(settings.accumulation):
-            if cursor + settings.micro_batch > len(order):
-                order = np.random.default_rng(seed + state["step"]).permutation(train_indices).tolist()
-                cursor = 0
-            batch = order[cursor : cursor + settings.micro_batch]
-            cursor += settings.micro_batch
+            if position["cursor"] + settings.micro_batch > len(position["order"]):
+                reshuffled = np.random.default_rng(seed + state["step"]).permutation(train_indices)
+                position = {"order": reshuffled.tolist(), "cursor": 0}
+            batch = position["order"][position["cursor"] : position["cursor"] + settings.micro_batch]
+            position["cursor"] += settings.micro_batch
             loss = batch_loss(batch, rng) / settings.accumulation
             loss.backward()
             total += float(loss.detach())
@@ -362,7 +381,9 @@ def _validation_batches(data: TrainingData, size: int) -> list[list[int]]:
     ]
 
 
-def train_text(model, data: TrainingData, settings: StageSettings, out_dir: Path, seed: int) -> StageResult:
+def train_text(
+    model: Brain3D, data: TrainingData, settings: StageSettings, out_dir: Path, seed: int
+) -> StageResult:
     """``pretrain-text``: the decoder (base weights, adapter off) learns the report language."""
     decoder = model.causal_lm
     for parameter in model.parameters():
@@ -407,21 +428,23 @@ def train_text(model, data: TrainingData, settings: StageSettings, out_dir: Path
     )
 
 
-def _axial_slices(data: TrainingData, batch: list[int], rng: random.Random) -> torch.Tensor:
-    """One axial slice per volume: for lesional cases the slice with the most hyperintense
-    voxels inside the central in-plane region (away from the bright scalp), else a random
-    mid-brain slice. ``(B, 1, H, W)``."""
-    slices = []
-    for index in batch:
-        volume = data.volumes[index, 0]
-        depth, height, width = volume.shape
-        if data.findings[index].abnormal:
-            centre = volume[:, height // 6 : -height // 6, width // 6 : -width // 6]
-            choice = int((centre > 0.62).flatten(1).sum(1).argmax())
-        else:
-            choice = rng.randrange(depth // 4, 3 * depth // 4)
-        slices.append(volume[choice])
-    return torch.stack(slices).unsqueeze(1)
+def same_findings(findings: Sequence[Findings]) -> torch.Tensor:
+    """``(B, B)`` bool: which studies of a batch have equal findings (two controls; a control and
+    its mirror image), whose reports no image can tell apart."""
+    return torch.tensor([[a == b for b in findings] for a in findings])
+
+
+def _axial_slices(data: TrainingData, batch: list[int]) -> torch.Tensor:
+    """One axial slice per volume, ``(B, 1, H, W)``: the slice with the most hyperintense voxels
+    inside the central in-plane region (away from the bright scalp), where a lesion shows best.
+
+    The same rule for every case: choosing controls' slices differently (at random, say) would
+    let the slice's level tell a control from a patient."""
+    volumes = data.volumes[batch, 0]
+    _, _, height, width = volumes.shape
+    centre = volumes[:, :, height // 6 : -height // 6, width // 6 : -width // 6]
+    choice = (centre > 0.62).flatten(2).sum(2).argmax(1)
+    return volumes[torch.arange(len(batch)), choice].unsqueeze(1)
 
 
 class ReportTextTower(torch.nn.Module):
@@ -475,7 +498,7 @@ class ReportTextTower(torch.nn.Module):
 
 
 def train_2d(
-    model, data: TrainingData, settings: StageSettings, out_dir: Path, seed: int
+    model: Brain3D, data: TrainingData, settings: StageSettings, out_dir: Path, seed: int
 ) -> tuple[StageResult, ReportTextTower]:
     """``pretrain-2d``: a 2D SigLIP (vision and text towers) learns axial slices against their
     reports with SigLIP's sigmoid loss, half of each batch beside its left-right mirrored twins
@@ -502,11 +525,11 @@ def train_2d(
     def loss_of(batch: list[int], rng: random.Random, mirror: bool = True) -> torch.Tensor:
         if mirror and data.rerender:
             batch, findings = data.twins(batch)
-            images = _axial_slices(data, batch, rng).to(model.device)
+            images = _axial_slices(data, batch).to(model.device)
             images = torch.cat([images, images.flip(LEFT_RIGHT_AXIS)])
         else:
             findings = [data.findings[i] for i in batch]
-            images = _axial_slices(data, batch, rng).to(model.device)
+            images = _axial_slices(data, batch).to(model.device)
         reports = [render(f, rng) for f in findings] if data.rerender else [data.reports[i] for i in batch]
         if (height, width) != (image_size, image_size):
             images = F.interpolate(
@@ -519,9 +542,8 @@ def train_2d(
         image_embedding = F.normalize(head(tokens.float()), dim=-1)
         logits = image_embedding @ F.normalize(text.float(), dim=-1).T * scale.exp() + bias
         # Identical findings are positives too: a control matches every control's report.
-        same = torch.tensor([[a == b for b in findings] for a in findings], device=logits.device)
-        labels = same.float() * 2 - 1
-        return -F.logsigmoid(labels * logits).sum() / len(batch)
+        labels = same_findings(findings).to(logits.device).float() * 2 - 1
+        return -F.logsigmoid(labels * logits).sum() / len(findings)
 
     val_batches = _validation_batches(data, settings.micro_batch)
 
@@ -555,7 +577,7 @@ def train_2d(
     return result, load_text_tower(out_dir, model)
 
 
-def load_text_tower(run_dir: Path, model) -> ReportTextTower | None:
+def load_text_tower(run_dir: Path, model: Brain3D) -> ReportTextTower | None:
     """The 2D text tower (frozen), when ``pretrain-2d`` trained one in the run ``run_dir``."""
     directory = run_dir / "pretrain-2d" / "best" / TEXT_TOWER_DIR
     if not directory.exists():
@@ -566,7 +588,7 @@ def load_text_tower(run_dir: Path, model) -> ReportTextTower | None:
 
 
 def _findings_retrieval_accuracy(
-    model,
+    model: Brain3D,
     data: TrainingData,
     batches: list[list[int]],
     rng: random.Random,
@@ -585,7 +607,7 @@ def _findings_retrieval_accuracy(
 
 
 def train_model_stage(
-    model,
+    model: Brain3D,
     stage: str,
     data: TrainingData,
     settings: StageSettings,
@@ -621,10 +643,10 @@ def train_model_stage(
         print(f"stage contrastive: reports embedded by {source}")
 
     def loss_of(batch: list[int], rng: random.Random, mirror: bool = True) -> torch.Tensor:
-        volumes, reports = data.batch(batch, rng, device, mirror=mirror)
+        volumes, reports, findings = data.batch(batch, rng, device, mirror=mirror)
         with _autocast(device):
             if stage == "contrastive":
-                return model.contrastive_loss(volumes, reports, embed_reports)
+                return model.contrastive_loss(volumes, reports, embed_reports, same_findings(findings))
             return model.language_modeling_loss(volumes, reports)
 
     val_batches = _validation_batches(data, max(settings.micro_batch, 2))
@@ -659,7 +681,7 @@ def train_model_stage(
     return result
 
 
-def quick_generation_check(model, data: TrainingData, limit: int = 64) -> dict[str, float]:
+def quick_generation_check(model: Brain3D, data: TrainingData, limit: int = 64) -> dict[str, float]:
     """Validation reports generated and parsed: a sanity figure printed after the LM stages."""
     from inference.metrics import finding_metrics
 
@@ -697,7 +719,7 @@ def slice_baseline_start(pretrained_run: Path, out: Path) -> Path:
     return model.save_pretrained(out)
 
 
-def build_model(preset: str, data: TrainingData, seed: int):
+def build_model(preset: str, data: TrainingData, seed: int) -> Brain3D:
     """A fresh model of ``preset`` with a tokenizer trained on the training reports."""
     from inference.configuration_brain3d import Brain3DConfig
     from inference.modeling_brain3d import Brain3D
@@ -723,7 +745,7 @@ def train_pipeline(
     vision_in_lm: bool = True,
     device: str = "cpu",
     pretrained_2d_run: Path | None = None,
-):
+) -> Brain3D:
     """Run ``stages`` in order, each starting from the previous one's best checkpoint.
 
     Stage 1 embeds reports with the text tower of ``pretrain-2d`` in ``pretrained_2d_run``

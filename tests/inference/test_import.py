@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from data_fixtures import as_lps_stored, phantom_head
 from typer.testing import CliRunner
@@ -41,17 +42,19 @@ def _case(
 
 
 def _tree(root: Path) -> dict[str, np.ndarray]:
-    brats = root / "brats"
+    """BraTS 2020 under ``brats2020`` (with TextBraTS reports), 2021 and 2023 under ``brats``
+    (BraTS2021_00007 is BraTS-GLI-00007 before 2023's renaming), and healthy controls."""
+    brats2020, brats = root / "brats2020", root / "brats"
     volumes = {
         "2020-001": _case(
-            brats / "BraTS20_Training_001",
+            brats2020 / "BraTS20_Training_001",
             "BraTS20_Training_001_flair.nii.gz",
             "BraTS20_Training_001_seg.nii.gz",
             -30,
             4,
         ),
         "2020-002": _case(
-            brats / "BraTS20_Training_002",
+            brats2020 / "BraTS20_Training_002",
             "BraTS20_Training_002_flair.nii.gz",
             "BraTS20_Training_002_seg.nii.gz",
             30,
@@ -59,7 +62,7 @@ def _tree(root: Path) -> dict[str, np.ndarray]:
             lps=True,
         ),
     }
-    _case(brats / "BraTS2021_00000", "BraTS2021_00000_flair.nii.gz", "BraTS2021_00000_seg.nii.gz", -30, 4)
+    _case(brats / "BraTS2021_00007", "BraTS2021_00007_flair.nii.gz", "BraTS2021_00007_seg.nii.gz", -30, 4)
     for timepoint in ("000", "001"):
         name = f"BraTS-GLI-00007-{timepoint}"
         _case(brats / name, f"{name}-t2f.nii.gz", f"{name}-seg.nii.gz", 30, 3)
@@ -77,22 +80,25 @@ def _tree(root: Path) -> dict[str, np.ndarray]:
     return volumes
 
 
+def _import(*arguments: str) -> CliRunner:
+    return CliRunner().invoke(app, ["data", "import", *arguments])
+
+
 def test_import_reads_all_layouts_reports_and_labels(tmp_path: Path) -> None:
     _tree(tmp_path)
-    manifest = tmp_path / "out" / "manifest.jsonl"
-    result = CliRunner().invoke(
-        app,
-        [
-            "data", "import", "--brats", str(tmp_path / "brats"), "--reports", str(tmp_path / "textbrats"),
-            "--healthy", str(tmp_path / "healthy"), "--out", str(manifest),
-        ],
+    brats2020, later = tmp_path / "out2020" / "manifest.jsonl", tmp_path / "out" / "manifest.jsonl"
+    result = _import(
+        "--brats", str(tmp_path / "brats2020"), "--reports", str(tmp_path / "textbrats"),
+        "--healthy", str(tmp_path / "healthy"), "--out", str(brats2020),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    entries = {e["id"]: e for e in read_manifest(manifest)}
+    result = _import("--brats", str(tmp_path / "brats"), "--out", str(later))
+    assert result.exit_code == 0, result.output
+    entries = {e["id"]: e for manifest in (brats2020, later) for e in read_manifest(manifest)}
     assert set(entries) == {
         "BraTS20_Training_001",
         "BraTS20_Training_002",
-        "BraTS2021_00000",
+        "BraTS2021_00007",
         "BraTS-GLI-00007-000",
         "BraTS-GLI-00007-001",
         "healthy-sub-01_FLAIR",
@@ -105,17 +111,44 @@ def test_import_reads_all_layouts_reports_and_labels(tmp_path: Path) -> None:
 
     # Rendered from labels: the side from RAS positions, whether the file is RAS- or LPS-stored.
     assert entry_findings(entries["BraTS20_Training_002"]).side is Side.RIGHT
-    assert entry_findings(entries["BraTS2021_00000"]).side is Side.LEFT
+    assert entry_findings(entries["BraTS2021_00007"]).side is Side.LEFT
     gli = entry_findings(entries["BraTS-GLI-00007-000"])
     assert gli.side is Side.RIGHT and gli.enhancement and gli.necrosis and gli.edema
     for entry in entries.values():
         assert parse(entry["report"]) == entry_findings(entry) or entry["report_source"] == "textbrats"
     assert not entry_findings(entries["healthy-sub-02_FLAIR"]).abnormal
 
-    # Split by subject: both time points of one subject together.
-    assert entries["BraTS-GLI-00007-000"]["split"] == entries["BraTS-GLI-00007-001"]["split"]
+    # Split by subject: both time points, and the 2021 name of the same patient, together.
+    assert (
+        len(
+            {
+                entries[case]["subject"]
+                for case in ("BraTS2021_00007", "BraTS-GLI-00007-000", "BraTS-GLI-00007-001")
+            }
+        )
+        == 1
+    )
+    assert (
+        len(
+            {
+                entries[case]["split"]
+                for case in ("BraTS2021_00007", "BraTS-GLI-00007-000", "BraTS-GLI-00007-001")
+            }
+        )
+        == 1
+    )
     assert {e["split"] for e in entries.values()} <= {"train", "val", "test"}
-    assert json.loads(manifest.read_text().splitlines()[0])["path"].endswith(".nii.gz")
+    assert json.loads(later.read_text().splitlines()[0])["path"].endswith(".nii.gz")
+
+
+def test_brats_2020_mixed_with_later_editions_is_refused(tmp_path: Path) -> None:
+    """2021 holds 2020's patients under names no table maps: one import could leak across splits."""
+    _tree(tmp_path)
+    (tmp_path / "brats2020").rename(tmp_path / "brats" / "2020")
+    result = _import("--brats", str(tmp_path / "brats"), "--out", str(tmp_path / "manifest.jsonl"))
+    assert result.exit_code == 2
+    assert "mixes BraTS 2020 cases with BraTS 2021/2023" in result.output
+    assert not (tmp_path / "manifest.jsonl").exists()
 
 
 def test_patients_and_controls_share_one_loader(tmp_path: Path) -> None:
@@ -124,7 +157,7 @@ def test_patients_and_controls_share_one_loader(tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.jsonl"
     from inference.data_import import import_brats
 
-    import_brats(tmp_path / "brats", manifest, None, tmp_path / "healthy")
+    import_brats(tmp_path / "brats2020", manifest, None, tmp_path / "healthy")
     entries = {e["id"]: e for e in read_manifest(manifest)}
     patient = load_volume(entries["BraTS20_Training_001"], GRID)
     control = load_volume(entries["healthy-sub-01_FLAIR"], GRID)
@@ -145,3 +178,14 @@ def test_splits_are_seeded_and_stratified_by_side() -> None:
         members = [s for s, st in zip(subjects, strata, strict=True) if st == side]
         test_share = sum(first[s] == "test" for s in members) / count
         assert test_share == 0.2
+
+
+def test_a_broken_manifest_line_is_refused_with_its_file_and_line(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    entry = {"id": "a", "path": "a.nii.gz", "report": "No abnormality.", "findings": {}, "split": "test"}
+    manifest.write_text(json.dumps(entry) + "\n\n{not json\n")
+    with pytest.raises(ValueError, match=r"manifest.jsonl:3: not JSON"):
+        read_manifest(manifest)
+    manifest.write_text(json.dumps(entry) + "\n" + json.dumps({"id": "b", "path": "b.nii.gz"}) + "\n")
+    with pytest.raises(ValueError, match=r"manifest.jsonl:2: missing report, findings, split"):
+        read_manifest(manifest)

@@ -279,3 +279,18 @@ def test_changed_base_weights_are_refused(checkpoints: dict[str, Path], tmp_path
     save_file(state, language_model / "model.safetensors")
     with pytest.raises(ValueError, match="SHA-256"):
         Brain3D.from_pretrained(tmp_path / "brain3d")
+
+
+def test_a_checkpoint_missing_weights_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """A truncated checkpoint beside base weights must not load with random projector weights."""
+    model = Brain3D.from_2d(
+        vision=checkpoints["siglip"], language_model=checkpoints["text-only"], config=tiny_config()
+    )
+    model.save_pretrained(tmp_path / "brain3d")
+    weights = tmp_path / "brain3d" / "model.safetensors"
+    state = load_file(weights)
+    dropped = sorted(name for name in state if name.startswith("projector."))
+    assert dropped
+    save_file({name: tensor for name, tensor in state.items() if name not in dropped}, weights)
+    with pytest.raises(ValueError, match=r"weights missing from .*projector"):
+        Brain3D.from_pretrained(tmp_path / "brain3d")

@@ -74,6 +74,16 @@ def test_constant_volume_is_refused() -> None:
         prepare(nib.Nifti1Image(np.ones((10, 10, 10), dtype=np.float32), np.eye(4)), GRID)
 
 
+def test_a_nifti_without_orientation_is_refused() -> None:
+    """qform and sform codes 0: nibabel would guess the left-right sense; prepare refuses to."""
+    volume = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
+    with pytest.raises(ValueError, match="states no orientation"):
+        prepare(nib.Nifti1Image(volume, None), GRID)
+    oriented = nib.Nifti1Image(volume, None)
+    oriented.set_qform(np.diag([-1.0, 1.0, 1.0, 1.0]), code=1)  # scanner qform only: accepted
+    assert prepare(oriented, GRID).shape == (1, *GRID)
+
+
 def test_grid_comes_from_a_config_object() -> None:
     class Config:
         input_grid = (8, 16, 24)

@@ -14,6 +14,7 @@ import torch
 from inference import training
 from inference.configuration_brain3d import Brain3DConfig
 from inference.modeling_brain3d import Brain3D
+from inference.report_schema import NORMAL
 
 torch.set_num_threads(1)
 
@@ -46,6 +47,39 @@ def test_stage_one_has_a_gradient_at_micro_batch_two(tiny_data) -> None:
     model.contrastive_loss(tiny_data.volumes[batch], reports).backward()
     gradient = sum(float(p.grad.abs().sum()) for p in model.projector.parameters() if p.grad is not None)
     assert gradient > 0
+
+
+def test_equal_findings_are_not_each_others_negatives_in_stage_one(tiny_data) -> None:
+    """Two studies with equal findings (two controls, a control and its mirror) have reports no
+    image can tell apart: as each other's negatives they would cap stage 1 at chance between them."""
+    model = training.build_model("tiny", tiny_data, seed=0)
+    volumes = tiny_data.volumes[:3]
+    embeddings = torch.randn(
+        3, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    embeddings[1] = embeddings[0]  # the two reports say the same
+
+    def loss(same: list[list[bool]] | None) -> float:
+        mask = None if same is None else torch.tensor(same)
+        return float(model.contrastive_loss(volumes, ["a", "a", "b"], lambda _: embeddings, mask))
+
+    diagonal = [[i == j for j in range(3)] for i in range(3)]
+    assert loss(diagonal) == pytest.approx(loss(None)), "only the off-diagonal pairs are masked"
+    equal_pair = [[True, True, False], [True, True, False], [False, False, True]]
+    assert loss(equal_pair) < loss(None) - 0.1
+
+
+def test_pretrain_2d_picks_slices_by_one_rule_for_patients_and_controls(tiny_data) -> None:
+    """The slice chosen for a volume does not depend on whether its findings are normal."""
+    lesional = next(i for i, f in enumerate(tiny_data.findings) if f.abnormal)
+    relabelled = training.TrainingData(
+        tiny_data.volumes[[lesional, lesional]],
+        [tiny_data.findings[lesional], NORMAL],
+        ["", ""],
+        ["train"] * 2,
+    )
+    slices = training._axial_slices(relabelled, [0, 1])
+    assert torch.equal(slices[0], slices[1])
 
 
 def test_pipeline_writes_logs_best_checkpoint_and_resumes(
@@ -111,30 +145,37 @@ class _ToyStage:
 
 
 def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
-    """An exception mid-stage (a crash, Ctrl-C) leaves last.pt; the rerun continues from it."""
+    """An exception mid-stage (a crash, Ctrl-C) leaves last.pt; the rerun continues from it and
+    sees the batches (and batch randomness) an uninterrupted run would have seen."""
     toy = _ToyStage()
-    seen_steps: list[int] = []
+    seen: list[tuple[list[int], float]] = []
 
-    def loss(batch: list[int], crash_at: int | None) -> torch.Tensor:
-        seen_steps.append(len(seen_steps))
-        if crash_at is not None and len(seen_steps) > crash_at:
+    def loss(batch: list[int], rng: random.Random, crash_at: int | None) -> torch.Tensor:
+        seen.append((batch, rng.random()))
+        if crash_at is not None and len(seen) > crash_at:
             raise KeyboardInterrupt
         return toy.loss(batch)
 
-    def run(crash_at: int | None) -> training.StageResult:
+    def run(out_dir: Path, crash_at: int | None) -> training.StageResult:
         settings = training.StageSettings(minutes=1.0, max_epochs=3, micro_batch=4, validate_every=4)
-        return toy.run(lambda batch, rng: loss(batch, crash_at), settings, tmp_path)
+        return toy.run(lambda batch, rng: loss(batch, rng, crash_at), settings, out_dir)
 
+    run(tmp_path / "uninterrupted", crash_at=None)
+    uninterrupted = list(seen)
+    seen.clear()
+    toy = _ToyStage()
     with pytest.raises(KeyboardInterrupt):
-        run(crash_at=10)
-    assert (tmp_path / "toy" / "last.pt").exists()
-    saved_step = torch.load(tmp_path / "toy" / "last.pt", weights_only=False)["state"]["step"]
-    assert saved_step == 8
-    seen_steps.clear()
-    result = run(crash_at=None)
+        run(tmp_path / "resumed", crash_at=10)
+    assert (tmp_path / "resumed" / "toy" / "last.pt").exists()
+    saved_step = torch.load(tmp_path / "resumed" / "toy" / "last.pt", weights_only=False)["state"]["step"]
+    assert saved_step == 8  # the end of the first epoch: the next one is reshuffled
+    before_crash = seen[:saved_step]
+    seen.clear()
+    result = run(tmp_path / "resumed", crash_at=None)
     assert result.steps == 24  # 3 epochs of 8 steps in all
-    assert len(seen_steps) == 24 - saved_step  # only the remaining steps ran
-    assert not (tmp_path / "toy" / "last.pt").exists()
+    assert len(seen) == 24 - saved_step  # only the remaining steps ran
+    assert before_crash + seen == uninterrupted
+    assert not (tmp_path / "resumed" / "toy" / "last.pt").exists()
 
 
 def test_a_stage_ended_by_its_time_budget_has_annealed_its_learning_rate(tmp_path: Path) -> None:
@@ -162,7 +203,7 @@ def test_mirror_augmentation_pairs_each_study_with_its_twin(tiny_data) -> None:
         i for i in range(len(tiny_data.findings)) if tiny_data.findings[i].side in (Side.LEFT, Side.RIGHT)
     ][:4]
     assert len(sided) >= 2
-    volumes, reports = tiny_data.batch(sided, random.Random(0), torch.device("cpu"), mirror=True)
+    volumes, reports, _ = tiny_data.batch(sided, random.Random(0), torch.device("cpu"), mirror=True)
     originals = sided[: len(sided) // 2]
     assert len(reports) == volumes.shape[0] == 2 * len(originals)
     for position, index in enumerate(originals):
@@ -173,5 +214,29 @@ def test_mirror_augmentation_pairs_each_study_with_its_twin(tiny_data) -> None:
         assert findings.side is tiny_data.findings[index].side
         assert twin_findings.side is not findings.side and twin_findings.side in (Side.LEFT, Side.RIGHT)
         assert twin_findings.lobes == findings.lobes == tiny_data.findings[index].lobes
-    plain, _ = tiny_data.batch(sided, random.Random(0), torch.device("cpu"), mirror=False)
+    plain, _, _ = tiny_data.batch(sided, random.Random(0), torch.device("cpu"), mirror=False)
     assert torch.equal(plain, tiny_data.volumes[sided])
+
+
+def test_train_refuses_a_cached_data_file_from_another_source(tmp_path: Path, tiny_data) -> None:
+    """A run folder's data.pt is reused only for the same cases and seed (or manifest) and grid."""
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    cached = training.TrainingData(tiny_data.volumes, tiny_data.findings, tiny_data.reports, tiny_data.splits)
+    cached.source = {"synthetic_cases": 12, "synthetic_seed": 77, "grid": [8, 24, 24]}
+    cached.save(tmp_path / "data.pt")
+    arguments = [
+        "train",
+        "--out",
+        str(tmp_path),
+        "--preset",
+        "tiny",
+        "--synthetic",
+        "--stage",
+        "pretrain-text",
+    ]
+    result = CliRunner().invoke(app, [*arguments, "--cases", "12", "--seed", "5", "--threads", "1"])
+    assert result.exit_code == 2
+    assert "data.pt holds data prepared from" in result.output and "synthetic_seed': 1000008" in result.output
