@@ -102,6 +102,12 @@ class WorkerSettings(_Section):
         30.0, gt=0, description="A running job without a heartbeat this long is re-run."
     )
     reconcile_every_s: float = Field(10.0, gt=0)
+    process_start_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long a new worker child may take to load the model; Celery's default (4 s) "
+        "killed every replacement of a lost child whose model took longer.",
+    )
 
 
 class DeliverySettings(_Section):

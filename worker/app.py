@@ -76,6 +76,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A child loads the model before it reports up (worker_process_init): allow it the time.
+        worker_proc_alive_timeout=settings.worker.process_start_timeout_s,
         task_soft_time_limit=settings.worker.soft_time_limit_s,
         task_time_limit=hard_limit,
         broker_transport_options=transport_options,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fcntl
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from alembic import command
@@ -42,33 +42,41 @@ def _migration_lock(url: str) -> Iterator[Connection]:
     """A connection holding the database's migration lock.
 
     The node, its workers and ``brain3d db upgrade`` may start together; without the lock
-    two of them would both create the tables and one would fail.
+    two of them would both create the tables and one would fail. A SQLite file is locked
+    before it is opened: opening it switches it to WAL, which fails while another
+    connection is migrating.
     """
-    engine = create_database_engine(url)
+    engine = create_database_engine(url)  # creates a SQLite file's folder, not a connection
+    database = make_url(url).database
+    file_locked = engine.dialect.name == "sqlite" and bool(database) and database != ":memory:"
     try:
-        with engine.connect() as connection:
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-                connection.commit()
-                try:
-                    yield connection
-                finally:
-                    connection.rollback()
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
-                    connection.commit()
-                return
-            database = make_url(url).database
-            if connection.dialect.name != "sqlite" or not database or database == ":memory:":
+        with (
+            _file_lock(f"{database}.migrate-lock") if file_locked else nullcontext(),
+            engine.connect() as connection,
+        ):
+            if connection.dialect.name != "postgresql":
                 yield connection
                 return
-            with open(f"{database}.migrate-lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    yield connection
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            connection.commit()
+            try:
+                yield connection
+            finally:
+                connection.rollback()
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                connection.commit()
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _run(url: str, action: str, revision: str) -> None:

@@ -94,7 +94,8 @@ def test_restart_rebuilds_open_series_and_their_timers(tmp_path: Path) -> None:
         untimed_paths.append(tmp_path / f"untimed{index}.dcm")
         dataset.save_as(untimed_paths[-1], enforce_file_format=True)
 
-    node = NodeProcess(tmp_path / "node", stable_seconds=4).start()
+    # Longer than the kill and restart take, so the flair series can only complete by its count.
+    node = NodeProcess(tmp_path / "node", stable_seconds=20).start()
     storescu(node.port, flair.paths[:6])
     storescu(node.port, untimed_paths)
     node.kill()
@@ -114,7 +115,7 @@ def test_restart_rebuilds_open_series_and_their_timers(tmp_path: Path) -> None:
                 and r.state == SeriesState.COMPLETE
                 and r
             ),
-            15,
+            40,
         )
         assert timed.completion_reason == "stable"
 

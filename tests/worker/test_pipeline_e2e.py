@@ -222,6 +222,8 @@ def test_sigkill_of_the_inference_child_reruns_it_and_the_pacs_gets_one_copy(
         job = wait_for_final_job(database, study.uid(), timeout_s=180)
         assert job.state == JobState.SUCCEEDED, job.error_reason
         assert job.attempts == 2, "the interrupted inference counts as an attempt"
+        # The replacement child loads the model before it reports up; Celery must wait for it.
+        assert "Timed out waiting for UP message" not in worker.log()
         _check_reports(orthanc, study, job, tmp_path)
         _delivered_once(job, environment)
     finally:
