@@ -57,11 +57,18 @@ def failure_reason(step: Step, error: BaseException) -> str:
     return f"{step}: {type(error).__name__} (message withheld: it may quote header values)"
 
 
-def _fail(book: JobBook, job_id: int, step: Step, error: BaseException, context: str = "") -> None:
+class JobFailedError(RuntimeError):
+    """Raised in place of a step's error once the job is recorded failed, so that Celery logs the
+    failure with the withheld reason and not the original message."""
+
+
+def _fail(book: JobBook, job_id: int, step: Step, error: BaseException, context: str = "") -> str:
+    """Record the job failed; returns the reason recorded."""
     reason = context + failure_reason(step, error)
     traceback_text = "".join(traceback.format_tb(error.__traceback__))
     logger.error("job %s failed: %s\n%s", job_id, reason, traceback_text)
     book.finish(job_id, JobState.FAILED, reason)
+    return reason
 
 
 @shared_task(name=RUN_JOB_TASK)
@@ -125,8 +132,7 @@ def infer(job_id: int) -> None:
             loaded = book.runtime.model()
             text, timings = generate_report(loaded, load_volume(book.runtime, job_id))
     except Exception as error:
-        _fail(book, job_id, Step.INFER, error)
-        raise
+        raise JobFailedError(_fail(book, job_id, Step.INFER, error)) from None
     book.complete(
         job_id,
         Step.INFER,
@@ -158,8 +164,7 @@ def build_reports(job_id: int) -> None:
         book.finish(job_id, JobState.FAILED, str(error))
         raise
     except Exception as error:
-        _fail(book, job_id, Step.BUILD_REPORTS, error)
-        raise
+        raise JobFailedError(_fail(book, job_id, Step.BUILD_REPORTS, error)) from None
     book.complete(job_id, Step.BUILD_REPORTS)
     book.event(
         job, "reports-built", Outcome.SUCCESS, {"sop_instance_uids": [row.sop_instance_uid for row in rows]}
@@ -191,8 +196,7 @@ def deliver_reports(self, job_id: int) -> None:
     try:
         result = deliver(runtime, job)
     except Exception as error:
-        _fail(book, job_id, Step.DELIVER, error)
-        raise
+        raise JobFailedError(_fail(book, job_id, Step.DELIVER, error)) from None
     if result.complete:
         book.complete(job_id, Step.DELIVER)
         book.finish(job_id, final_state, final_reason)
