@@ -149,10 +149,13 @@ def import_brats(
     reports = _find_reports(reports_dir)
     base = out.parent.resolve()
     entries: list[dict] = []
-    flairs = sorted(p for p in (brats_dir.rglob("*.nii*") if brats_dir else []) if _FLAIR.match(p.name))
-    _refuse_mixed_2020([_FLAIR.match(p.name).group("case") for p in flairs])  # type: ignore[union-attr]
-    for flair_path in flairs:
-        case = _FLAIR.match(flair_path.name).group("case")  # type: ignore[union-attr]
+    flairs = sorted(
+        (path, match.group("case"))
+        for path in (brats_dir.rglob("*.nii*") if brats_dir else [])
+        if (match := _FLAIR.match(path.name))
+    )
+    _refuse_mixed_2020([case for _, case in flairs])
+    for flair_path, case in flairs:
         seg_path = _seg_path(flair_path, case)
         enhancing = 3 if flair_path.name.endswith(("-t2f.nii.gz", "-t2f.nii")) else 4
         if case in reports:

@@ -339,7 +339,7 @@ def run_loop(
         for _ in range(settings.accumulation):
             if position["cursor"] + settings.micro_batch > len(position["order"]):
                 reshuffled = np.random.default_rng(seed + state["step"]).permutation(train_indices)
-                position = {"order": reshuffled.tolist(), "cursor": 0}
+                position.update(order=reshuffled.tolist(), cursor=0)  # in place: checkpoint() saves it
             batch = position["order"][position["cursor"] : position["cursor"] + settings.micro_batch]
             position["cursor"] += settings.micro_batch
             loss = batch_loss(batch, rng) / settings.accumulation

@@ -104,7 +104,7 @@ class JobBook:
         """
         started_column, finished_column = _STEP_COLUMNS[step]
         job = self.get(job_id)
-        if job.state in FINAL_JOB_STATES or getattr(job, finished_column) is not None:
+        if job.state.is_final or getattr(job, finished_column) is not None:
             return None
         values: dict[str, Any] = {"state": JobState.RUNNING, "heartbeat_at": utcnow()}
         if started_column is not None and getattr(job, started_column) is None:
