@@ -39,7 +39,7 @@ from sqlalchemy import Connection, insert, select, text
 from dicom_node.db.models import AuditEvent
 
 if TYPE_CHECKING:
-    from dicom_node.config import Settings
+    from dicom_node.config import DatabaseSettings, Settings
     from dicom_node.db.session import Database
 
 logger = logging.getLogger("brain3d.audit")
@@ -403,13 +403,27 @@ class AuditTrail:
 
     @classmethod
     def from_settings(cls, settings: Settings, database: Database, *, create_key: bool = True) -> AuditTrail:
-        """The trail described by ``settings.database``: key from ``audit_key`` or ``audit_key_file``.
+        """The trail described by ``settings.database``, its events sourced by the node's AE title."""
+        return cls.for_database(
+            settings.database, database, source_id=settings.node.ae_title, create_key=create_key
+        )
+
+    @classmethod
+    def for_database(
+        cls,
+        database_settings: DatabaseSettings,
+        database: Database,
+        *,
+        source_id: str = "BRAIN3D",
+        create_key: bool = True,
+    ) -> AuditTrail:
+        """The trail of ``database``: key from ``audit_key`` or ``audit_key_file``.
 
         The head file lives beside the key file (``audit.key`` -> ``audit.head``).
         """
-        key_file = Path(settings.database.audit_key_file)
-        key = load_audit_key(settings.database.audit_key, key_file, create=create_key)
-        return cls(database, key, head_file=key_file.with_suffix(".head"), source_id=settings.node.ae_title)
+        key_file = Path(database_settings.audit_key_file)
+        key = load_audit_key(database_settings.audit_key, key_file, create=create_key)
+        return cls(database, key, head_file=key_file.with_suffix(".head"), source_id=source_id)
 
     @property
     def head_file(self) -> Path | None:

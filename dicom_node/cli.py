@@ -8,12 +8,13 @@ the one ``brain3d`` application, being the only package that may import both
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.config import CONFIG_ENV, ConfigError, Settings, load_database_section, load_settings
 
 if TYPE_CHECKING:
     from dicom_node.audit import AuditTrail
@@ -32,6 +33,61 @@ def settings_or_exit(config: Path | None) -> Settings:
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def service_settings_or_exit(config: Path | None, service: str) -> Settings:
+    """:func:`settings_or_exit` for a long-running service (``serve``, ``worker``): a refused start
+    is also recorded in the audit trail of the database the configuration names, so an admin
+    finds it there and not only in a terminal."""
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_audit_refused_start(config, service, str(exc)), err=True)
+        raise typer.Exit(2) from None
+
+
+def _audit_refused_start(config: Path | None, service: str, reason: str) -> str:
+    """Record 110100 Application Activity / Application Start, serious failure, where the
+    ``database`` section can be read and names a migrated database with its audit key: a refused
+    start creates no database and no key. Returns the line saying where it went, or why nowhere."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dicom_node.audit import AuditKeyError, AuditTrail, EventID, EventTypeCode, Outcome, Participant, Role
+    from dicom_node.db import Database, migrate
+
+    try:
+        section = load_database_section(config)
+    except ConfigError as exc:
+        return f"not audited: the database section cannot be read either ({exc})"
+    url = make_url(section.url)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).is_file()):
+        return f"not audited: database {shown} does not exist"
+    try:
+        if migrate.current_revision(section.url) is None:
+            return f"not audited: database {shown} is not initialised"
+        database = Database(section.url)
+        try:
+            AuditTrail.for_database(section, database, create_key=False).record(
+                EventID.APPLICATION_ACTIVITY,
+                Outcome.SERIOUS_FAILURE,
+                event_type=EventTypeCode.APPLICATION_START,
+                participants=[Participant(Role.APPLICATION, user_id=str(os.getpid()))],
+                detail={
+                    "service": service,
+                    "refused": reason,
+                    "config_file": str(config or os.environ.get(CONFIG_ENV) or "") or None,
+                },
+            )
+        finally:
+            database.dispose()
+    except AuditKeyError as exc:
+        return f"not audited: {exc}"
+    except SQLAlchemyError as exc:  # its message may name hosts and users: the type is enough here
+        return f"not audited: database {shown} could not be written ({type(exc).__name__})"
+    return f"the refused start is recorded in the audit trail of {shown}"
 
 
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
@@ -272,7 +328,7 @@ def serve(config: ConfigOption = None) -> None:
     """Run the node: Storage SCP, completeness, routing, hand-off (until SIGTERM/SIGINT)."""
     from dicom_node.server import serve as run_node  # heavy imports only for this command
 
-    run_node(settings_or_exit(config))
+    run_node(service_settings_or_exit(config, "serve"))
 
 
 def register(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -26,6 +26,7 @@ from pydicom.datadict import keyword_dict
 CONFIG_ENV = "BRAIN3D_CONFIG"
 ENV_PREFIX = "BRAIN3D_"
 DEFAULT_VAR_DIR = Path("var")
+_S = TypeVar("_S", bound="BaseSettings")
 
 
 class ConfigError(ValueError):
@@ -242,11 +243,45 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = os.environ.get(CONFIG_ENV)
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
-        return tuple(sources)
+        return _sources(settings_cls, init_settings, env_settings)
+
+
+class DatabaseSection(BaseSettings):
+    """The ``database`` section read alone, ignoring every other: where a service whose
+    configuration is refused can still record that refusal in the audit trail."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    database: DatabaseSettings = DatabaseSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return _sources(settings_cls, init_settings, env_settings)
+
+
+def _sources(
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    env_settings: PydanticBaseSettingsSource,
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """Keyword arguments, then environment variables, then the TOML file named by ``BRAIN3D_CONFIG``."""
+    toml_file = os.environ.get(CONFIG_ENV)
+    sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+    if toml_file:
+        sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+    return tuple(sources)
 
 
 def _describe(error: ValidationError) -> str:
@@ -257,6 +292,15 @@ def _describe(error: ValidationError) -> str:
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
     """Load the effective settings, raising ConfigError with one readable line."""
+    return _load(Settings, config_file, **overrides)
+
+
+def load_database_section(config_file: Path | str | None = None) -> DatabaseSettings:
+    """The ``database`` section of a configuration whose other sections may be invalid."""
+    return _load(DatabaseSection, config_file).database
+
+
+def _load(cls: type[_S], config_file: Path | str | None, **overrides: Any) -> _S:
     path = Path(config_file) if config_file else None
     if path is None and os.environ.get(CONFIG_ENV):
         path = Path(os.environ[CONFIG_ENV])
@@ -271,7 +315,7 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
                 raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
             os.environ[CONFIG_ENV] = str(path)
         try:
-            return Settings(**overrides)
+            return cls(**overrides)
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
         except ValueError as exc:  # malformed JSON in an environment variable

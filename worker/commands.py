@@ -9,15 +9,15 @@ from typing import Annotated
 import typer
 from sqlalchemy import update
 
-from dicom_node.audit import Action, EventID, Outcome
-from dicom_node.cli import ConfigOption, settings_or_exit
+from dicom_node.audit import Action, EventID, EventTypeCode, Outcome, Participant, Role
+from dicom_node.cli import ConfigOption, service_settings_or_exit, settings_or_exit
 from dicom_node.db import Job, JobState
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
 from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
 from worker.jobs import JobBook
 from worker.reconciler import Reconciler, reconcile_once
-from worker.runtime import configure
+from worker.runtime import Runtime, configure
 
 jobs_app = typer.Typer(help="Act on jobs: retry a failed one, re-enqueue what the broker lost.")
 
@@ -37,7 +37,7 @@ def worker(
     """Run a Celery worker (prefork pool) with the model loaded once per child process."""
     if allow_demo_model:
         os.environ["BRAIN3D_DELIVERY__ALLOW_DEMO_MODEL"] = "true"
-    settings = settings_or_exit(config)
+    settings = service_settings_or_exit(config, "worker")
     upgrade(settings.database.url)
     os.environ["BRAIN3D_WORKER_QUEUES"] = queues
     runtime = configure(settings)
@@ -45,6 +45,7 @@ def worker(
     reconciler = Reconciler(runtime, app) if reconcile else None
     if reconciler is not None:
         reconciler.start()
+    _audit_activity(runtime, EventTypeCode.APPLICATION_START, queues)
     try:
         app.worker_main(
             [
@@ -61,6 +62,19 @@ def worker(
     finally:
         if reconciler is not None:
             reconciler.stop()
+        _audit_activity(runtime, EventTypeCode.APPLICATION_STOP, queues)
+
+
+def _audit_activity(runtime: Runtime, event_type: EventTypeCode, queues: str) -> None:
+    runtime.audit.record(
+        EventID.APPLICATION_ACTIVITY,
+        Outcome.SUCCESS,
+        event_type=event_type,
+        participants=[
+            Participant(Role.APPLICATION, ae_title=runtime.settings.node.ae_title, user_id=str(os.getpid()))
+        ],
+        detail={"service": "worker", "queues": queues},
+    )
 
 
 @jobs_app.command("retry")
@@ -100,6 +114,7 @@ def retry(
                 inference_finished_at=None,
                 sr_build_started_at=None,
                 sr_built_at=None,
+                delivery_started_at=None,
                 delivered_at=None,
                 finished_at=None,
             )

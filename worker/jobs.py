@@ -34,13 +34,13 @@ class Step(enum.StrEnum):
     DELIVER = "deliver"
 
 
-# The timestamps that say a step started and finished. Delivery has no start mark: it is
-# re-entered by its own retries (capped by ``delivery.max_retries``), which are no interruptions.
-_STEP_COLUMNS: dict[Step, tuple[str | None, str]] = {
+# The timestamps that say a step started and finished. Delivery's start mark is cleared while
+# one of its own retries waits (``JobBook.await_retry``): a scheduled retry is no interruption.
+_STEP_COLUMNS: dict[Step, tuple[str, str]] = {
     Step.CONVERT: ("conversion_started_at", "conversion_finished_at"),
     Step.INFER: ("inference_started_at", "inference_finished_at"),
     Step.BUILD_REPORTS: ("sr_build_started_at", "sr_built_at"),
-    Step.DELIVER: (None, "delivered_at"),
+    Step.DELIVER: ("delivery_started_at", "delivered_at"),
 }
 
 
@@ -99,19 +99,19 @@ class JobBook:
         """Mark ``step`` started; None when the job is final or the step already done.
 
         A step found started but not finished was interrupted (its worker died): that counts
-        as an attempt, and past ``max_attempts`` the job fails with that reason (conversion,
-        inference and the SR build; delivery's retries are capped by ``delivery.max_retries``).
+        as an attempt, and past ``max_attempts`` the job fails with that reason. Delivery's
+        scheduled retries are not interruptions; ``delivery.max_retries`` caps those.
         """
         started_column, finished_column = _STEP_COLUMNS[step]
         job = self.get(job_id)
         if job.state.is_final or getattr(job, finished_column) is not None:
             return None
         values: dict[str, Any] = {"state": JobState.RUNNING, "heartbeat_at": utcnow()}
-        if started_column is not None and getattr(job, started_column) is None:
+        if getattr(job, started_column) is None:
             values[started_column] = utcnow()
             if step is Step.CONVERT:
                 values["attempts"] = max(job.attempts, 1)
-        elif started_column is not None:
+        else:
             values["attempts"] = Job.attempts + 1
         with self.runtime.database.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(**values))
@@ -165,11 +165,14 @@ class JobBook:
         with self.runtime.database.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(error_reason=reason))
 
-    def promise_heartbeat(self, job_id: int, seconds: float) -> None:
-        """Date the heartbeat ``seconds`` ahead: the job is alive, waiting for a scheduled retry."""
+    def await_retry(self, job_id: int, seconds: float) -> None:
+        """Delivery paused for a retry in ``seconds``: no attempt is in progress, and the heartbeat
+        is dated ahead so the reconciler leaves the job alone while it waits."""
         with self.runtime.database.session() as session:
             session.execute(
-                update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() + timedelta(seconds=seconds))
+                update(Job)
+                .where(Job.id == job_id)
+                .values(delivery_started_at=None, heartbeat_at=utcnow() + timedelta(seconds=seconds))
             )
 
     @contextmanager

@@ -209,5 +209,5 @@ def deliver_reports(self, job_id: int) -> None:
     logger.warning(
         "job %s delivery incomplete (%s); retrying in %.0f s", job_id, result.failures[0], countdown
     )
-    book.promise_heartbeat(job_id, countdown)  # the reconciler leaves a job alone while it waits to retry
+    book.await_retry(job_id, countdown)
     raise self.retry(countdown=countdown, max_retries=settings.max_retries)

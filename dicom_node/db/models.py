@@ -176,6 +176,8 @@ class Job(Base):
     inference_finished_at: Mapped[datetime | None]
     sr_build_started_at: Mapped[datetime | None]
     sr_built_at: Mapped[datetime | None]
+    #: When the delivery attempt in progress started; cleared while a scheduled retry waits.
+    delivery_started_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     # What ran and what it said: the SR codes come from parsing report_text, never elsewhere.

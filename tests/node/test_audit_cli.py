@@ -44,7 +44,7 @@ def brain3d(*args: str) -> tuple[int, str, str]:
 @pytest.fixture
 def database(node_env: dict[str, str]) -> Iterator[Database]:
     code, out, _ = brain3d("db", "upgrade")
-    assert code == 0 and "at revision 0002" in out
+    assert code == 0 and "at revision 0003" in out
     handle = Database(node_env["BRAIN3D_DATABASE__URL"])
     yield handle
     handle.dispose()
@@ -253,7 +253,7 @@ def test_commands_on_an_uninitialised_database_say_so(node_env: dict[str, str]) 
 
 def test_db_downgrade_to_base_and_current(database: Database) -> None:
     code, out, _ = brain3d("db", "current")
-    assert code == 0 and out.split() == ["current:", "0002", "head:", "0002"]
+    assert code == 0 and out.split() == ["current:", "0003", "head:", "0003"]
     code, out, _ = brain3d("db", "downgrade", "--revision", "base")
     assert code == 0 and out.strip().endswith("at revision none")
     code, _, _ = brain3d("audit", "verify")

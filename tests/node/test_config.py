@@ -128,3 +128,68 @@ def test_missing_configuration_file_is_named(tmp_path: Path) -> None:
     code, _, err = show("--config", str(tmp_path / "absent.toml"))
     assert code == 2
     assert err.strip() == f"error: configuration file {tmp_path / 'absent.toml'} does not exist"
+
+
+def _events(database_url: str) -> list[dict]:
+    from dicom_node.db import AuditEvent, Database
+
+    database = Database(database_url)
+    with database.session() as session:
+        documents = [json.loads(row.document) for row in session.query(AuditEvent).order_by(AuditEvent.id)]
+    database.dispose()
+    return documents
+
+
+@pytest.mark.parametrize("service", ["serve", "worker"])
+def test_a_service_refused_for_its_configuration_is_audited_in_the_database_it_names(
+    tmp_path: Path, database_url: str, service: str
+) -> None:
+    from dicom_node.audit import load_audit_key
+    from dicom_node.db.migrate import upgrade
+
+    upgrade(database_url)
+    load_audit_key(None, tmp_path / "audit.key")
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[database]\nurl = "{database_url}"\naudit_key_file = "{tmp_path / "audit.key"}"\n\n'
+        "[worker]\nmax_attempts = 0\n"
+    )
+    result = CliRunner().invoke(app, [service, "--config", str(config)])
+    assert result.exit_code == 2
+    error, where = result.stderr.strip().splitlines()
+    assert error.startswith("error: configuration key 'worker.max_attempts'")
+    assert where.startswith("the refused start is recorded in the audit trail of ")
+    (event,) = _events(database_url)
+    assert event["event_id"]["code"] == "110100" and event["event_type"]["code"] == "110120"
+    assert event["outcome"] == 8
+    assert event["detail"]["service"] == service and "worker.max_attempts" in event["detail"]["refused"]
+    assert event["detail"]["config_file"] == str(config)
+    good = tmp_path / "good.toml"
+    good.write_text(f'[database]\nurl = "{database_url}"\naudit_key_file = "{tmp_path / "audit.key"}"\n')
+    verified = CliRunner().invoke(app, ["audit", "verify", "--config", str(good)])
+    assert verified.exit_code == 0, verified.output
+
+
+def test_a_refused_start_creates_no_database_and_says_it_was_not_audited(tmp_path: Path) -> None:
+    database = tmp_path / "never.db"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{database}"\n\n[node]\nport = 70000\n')
+    result = CliRunner().invoke(app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2
+    _, where = result.stderr.strip().splitlines()
+    assert where == f"not audited: database sqlite:///{database} does not exist"
+    assert not database.exists()
+
+
+def test_a_refused_start_with_an_unreadable_database_section_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("[database]\nurl = 5432\n")
+    result = CliRunner().invoke(app, ["worker", "--config", str(config)])
+    assert result.exit_code == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[1]
+        .startswith(
+            "not audited: the database section cannot be read either (configuration key 'database.url'"
+        )
+    )

@@ -85,6 +85,38 @@ def test_an_sr_build_that_keeps_killing_its_worker_ends_the_job_failed(runtime):
     assert job.state == JobState.FAILED and "build_reports interrupted 2 times" in job.error_reason
 
 
+def test_a_delivery_that_keeps_killing_its_worker_ends_the_job_failed(runtime):
+    job_id = _job(runtime)
+    book = JobBook(runtime)
+    book.claim(job_id)
+    for step in (Step.CONVERT, Step.INFER, Step.BUILD_REPORTS):
+        book.begin(job_id, step)
+        book.complete(job_id, step)
+    assert book.begin(job_id, Step.DELIVER).attempts == 1
+    assert book.begin(job_id, Step.DELIVER).attempts == 2, "the redelivered delivery is a second attempt"
+    assert book.begin(job_id, Step.DELIVER) is None
+    job = book.get(job_id)
+    assert job.state == JobState.FAILED and "deliver interrupted 2 times" in job.error_reason
+
+
+def test_a_scheduled_delivery_retry_is_not_an_interruption(runtime):
+    job_id = _job(runtime)
+    book = JobBook(runtime)
+    book.claim(job_id)
+    for step in (Step.CONVERT, Step.INFER, Step.BUILD_REPORTS):
+        book.begin(job_id, step)
+        book.complete(job_id, step)
+    for _ in range(5):  # the PACS stays down: more retries than max_attempts allows interruptions
+        assert book.begin(job_id, Step.DELIVER).attempts == 1
+        book.await_retry(job_id, 30)
+        assert book.get(job_id).delivery_started_at is None
+        # stale_after_s is 30: 45 s on, a heartbeat dated 30 s ahead is still fresh.
+        later = utcnow() + timedelta(seconds=45)
+        assert job_id not in dict(stale_jobs(runtime, now=later)), "a job waiting for its retry is not stale"
+    book.complete(job_id, Step.DELIVER)
+    assert book.begin(job_id, Step.DELIVER) is None, "a delivered job is not delivered again"
+
+
 def test_a_final_job_is_never_changed_again(runtime):
     job_id = _job(runtime)
     book = JobBook(runtime)
