@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,20 @@ def synth(
     typer.echo(f"wrote {cases} cases and {manifest} in {time.perf_counter() - start:.1f} s")
 
 
+def _step_budgets(text: str | None, stages: Sequence[str]) -> dict[str, int]:
+    """``--steps`` as {stage: steps}: comma-separated ``stage=N`` with N a positive integer."""
+    budgets: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, _, value = item.partition("=")
+        if name not in stages or not value.isdigit() or int(value) < 1:
+            raise typer.BadParameter(
+                f"{item!r}: expected stage=N with a stage of {', '.join(stages)} and N a positive integer",
+                param_hint="--steps",
+            )
+        budgets[name] = int(value)
+    return budgets
+
+
 def train(
     out: Annotated[Path, typer.Option(help="Run folder: one sub-folder per stage, final/ at the end")],
     stage: Annotated[
@@ -36,6 +51,13 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     init: Annotated[Path | None, typer.Option(help="start from this checkpoint")] = None,
     minutes_scale: Annotated[float, typer.Option(help="multiply every stage's time budget")] = 1.0,
+    steps: Annotated[
+        str | None,
+        typer.Option(
+            help="step budgets replacing the time budgets, e.g. 'contrastive=464,lora=1313': "
+            "the same run on any machine"
+        ),
+    ] = None,
     micro_batch: Annotated[int | None, typer.Option(help="override every stage's micro-batch")] = None,
     accumulation: Annotated[int | None, typer.Option(help="override gradient accumulation")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch")] = 2,
@@ -52,6 +74,7 @@ def train(
     torch.set_num_threads(threads)
     if (manifest is None) == (not synthetic):
         raise typer.BadParameter("give exactly one of --manifest or --synthetic")
+    step_budgets = _step_budgets(steps, training.STAGES)
     stages = list(training.STAGES) if stage == "all" else [stage]
     if preset == "medgemma-4b" and stage == "all":
         stages = ["contrastive", "projector", "lora"]  # pretrained 2D and text weights: no pretraining
@@ -86,7 +109,7 @@ def train(
     )
     schedule = {}
     for name, settings in training.DEMO_SCHEDULE.items():
-        changes: dict = {"minutes": settings.minutes * minutes_scale}
+        changes: dict = {"minutes": settings.minutes * minutes_scale, "max_steps": step_budgets.get(name)}
         if micro_batch:
             changes["micro_batch"] = micro_batch
         if accumulation:

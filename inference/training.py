@@ -58,6 +58,9 @@ class StageSettings:
     """How long and how hard one stage trains."""
 
     minutes: float = 2.0
+    #: When set, the stage runs this many optimiser steps (or ``max_epochs``, if fewer) and time
+    #: does not bound it, so the run is the same on any machine; else ``minutes`` bounds it.
+    max_steps: int | None = None
     max_epochs: int = 50
     micro_batch: int = 8
     accumulation: int = 1
@@ -253,7 +256,7 @@ def run_loop(
     modules: Sequence[torch.nn.Module],
     trainable: dict[str, int] | None = None,
 ) -> StageResult:
-    """Generic loop: time- and epoch-bounded, validated, best-kept, resumable."""
+    """Generic loop: time- or step-bounded, validated, best-kept, resumable."""
     stage_dir = out_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     if (stage_dir / "done.json").exists():
@@ -262,12 +265,15 @@ def run_loop(
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.01)
     steps_per_epoch = max(len(train_indices) // (settings.micro_batch * settings.accumulation), 1)
     total_steps = steps_per_epoch * settings.max_epochs
+    if settings.max_steps is not None:
+        total_steps, budget = min(total_steps, settings.max_steps), math.inf
+    else:
+        budget = max(settings.minutes * 60, 1e-6)
     warmup = min(50, total_steps // 10 + 1)
-    budget = max(settings.minutes * 60, 1e-6)
 
     def learning_rate_factor(step: int) -> float:
         """Linear warmup, then cosine decay to 0.1 over whichever bound ends the stage first:
-        the epochs or the time budget (a budget-bound stage still anneals before it stops)."""
+        the steps or the time budget (a budget-bound stage still anneals before it stops)."""
         if step < warmup:
             return (step + 1) / warmup
         elapsed = time.perf_counter() - started

@@ -195,6 +195,36 @@ def test_a_stage_ended_by_its_time_budget_has_annealed_its_learning_rate(tmp_pat
     assert rates[-1] < 0.2e-3
 
 
+def test_a_step_budget_replaces_the_time_budget_and_anneals_over_its_steps(tmp_path: Path) -> None:
+    """With ``max_steps`` a stage runs exactly that many steps however slow the machine (here: a
+    budget of a fraction of a second that would otherwise stop it after a few), decaying to the floor."""
+    toy = _ToyStage()
+
+    def slow_loss(batch: list[int], rng: random.Random) -> torch.Tensor:
+        time.sleep(0.005)
+        return toy.loss(batch)
+
+    settings = training.StageSettings(
+        minutes=1e-4, max_steps=60, max_epochs=10_000, micro_batch=4, validate_every=1_000
+    )
+    result = toy.run(slow_loss, settings, tmp_path)
+    assert result.steps == 60
+    rates = [entry["lr"] for entry in result.log if "lr" in entry]
+    assert max(rates) > 0.8e-3 and rates[-1] < 0.11e-3
+
+
+def test_train_reads_step_budgets_and_refuses_a_malformed_one() -> None:
+    from typer import BadParameter
+
+    from inference.cli import _step_budgets
+
+    assert _step_budgets("contrastive=464, lora=1313", training.STAGES) == {"contrastive": 464, "lora": 1313}
+    assert _step_budgets(None, training.STAGES) == {}
+    for malformed in ("lora=0", "lora", "lora=ten", "decoder=10"):
+        with pytest.raises(BadParameter, match="stage=N"):
+            _step_budgets(malformed, training.STAGES)
+
+
 def test_mirror_augmentation_pairs_each_study_with_its_twin(tiny_data) -> None:
     """The first half of a batch and its mirrored twins: volume flipped, side swapped, rest kept."""
     from inference.report_schema import Side, parse
