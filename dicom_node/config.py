@@ -26,7 +26,7 @@ from pydicom.datadict import keyword_dict
 CONFIG_ENV = "BRAIN3D_CONFIG"
 ENV_PREFIX = "BRAIN3D_"
 DEFAULT_VAR_DIR = Path("var")
-_S = TypeVar("_S", bound="BaseSettings")
+_S = TypeVar("_S", bound="_Sourced")
 
 
 class ConfigError(ValueError):
@@ -213,15 +213,32 @@ class ModelSettings(_Section):
     )
 
 
-class Settings(BaseSettings):
+class _Sourced(BaseSettings):
+    """Settings read, in increasing priority, from the TOML file named by ``BRAIN3D_CONFIG``,
+    environment variables ``BRAIN3D_<SECTION>__<KEY>`` and keyword arguments."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get(CONFIG_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+        return tuple(sources)
+
+
+class Settings(_Sourced):
     """The effective configuration of a node, its workers and its tools."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
+    model_config = SettingsConfigDict(extra="forbid")
 
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
@@ -234,54 +251,14 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return _sources(settings_cls, init_settings, env_settings)
 
-
-class DatabaseSection(BaseSettings):
+class DatabaseSection(_Sourced):
     """The ``database`` section read alone, ignoring every other: where a service whose
     configuration is refused can still record that refusal in the audit trail."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="ignore",
-        frozen=True,
-    )
+    model_config = SettingsConfigDict(extra="ignore")
 
     database: DatabaseSettings = DatabaseSettings()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return _sources(settings_cls, init_settings, env_settings)
-
-
-def _sources(
-    settings_cls: type[BaseSettings],
-    init_settings: PydanticBaseSettingsSource,
-    env_settings: PydanticBaseSettingsSource,
-) -> tuple[PydanticBaseSettingsSource, ...]:
-    """Keyword arguments, then environment variables, then the TOML file named by ``BRAIN3D_CONFIG``."""
-    toml_file = os.environ.get(CONFIG_ENV)
-    sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-    if toml_file:
-        sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
-    return tuple(sources)
 
 
 def _describe(error: ValidationError) -> str:

@@ -71,41 +71,29 @@ def test_an_interrupted_step_counts_as_an_attempt_and_the_job_fails_past_the_cap
     assert "infer interrupted 2 times" in job.error_reason
 
 
-def test_an_sr_build_that_keeps_killing_its_worker_ends_the_job_failed(runtime):
+def _at(runtime: Runtime, step: Step) -> tuple[JobBook, int]:
+    """A claimed job whose steps before ``step`` have finished."""
     job_id = _job(runtime)
     book = JobBook(runtime)
     book.claim(job_id)
-    for step in (Step.CONVERT, Step.INFER):
-        book.begin(job_id, step)
-        book.complete(job_id, step)
-    assert book.begin(job_id, Step.BUILD_REPORTS).attempts == 1
-    assert book.begin(job_id, Step.BUILD_REPORTS).attempts == 2, "the redelivered build is a second attempt"
-    assert book.begin(job_id, Step.BUILD_REPORTS) is None
-    job = book.get(job_id)
-    assert job.state == JobState.FAILED and "build_reports interrupted 2 times" in job.error_reason
+    for earlier in list(Step)[: list(Step).index(step)]:
+        book.begin(job_id, earlier)
+        book.complete(job_id, earlier)
+    return book, job_id
 
 
-def test_a_delivery_that_keeps_killing_its_worker_ends_the_job_failed(runtime):
-    job_id = _job(runtime)
-    book = JobBook(runtime)
-    book.claim(job_id)
-    for step in (Step.CONVERT, Step.INFER, Step.BUILD_REPORTS):
-        book.begin(job_id, step)
-        book.complete(job_id, step)
-    assert book.begin(job_id, Step.DELIVER).attempts == 1
-    assert book.begin(job_id, Step.DELIVER).attempts == 2, "the redelivered delivery is a second attempt"
-    assert book.begin(job_id, Step.DELIVER) is None
+@pytest.mark.parametrize("step", [Step.BUILD_REPORTS, Step.DELIVER])
+def test_a_late_step_that_keeps_killing_its_worker_ends_the_job_failed(runtime, step):
+    book, job_id = _at(runtime, step)
+    assert book.begin(job_id, step).attempts == 1
+    assert book.begin(job_id, step).attempts == 2, "the redelivered step is a second attempt"
+    assert book.begin(job_id, step) is None
     job = book.get(job_id)
-    assert job.state == JobState.FAILED and "deliver interrupted 2 times" in job.error_reason
+    assert job.state == JobState.FAILED and f"{step} interrupted 2 times" in job.error_reason
 
 
 def test_a_scheduled_delivery_retry_is_not_an_interruption(runtime):
-    job_id = _job(runtime)
-    book = JobBook(runtime)
-    book.claim(job_id)
-    for step in (Step.CONVERT, Step.INFER, Step.BUILD_REPORTS):
-        book.begin(job_id, step)
-        book.complete(job_id, step)
+    book, job_id = _at(runtime, Step.DELIVER)
     for _ in range(5):  # the PACS stays down: more retries than max_attempts allows interruptions
         assert book.begin(job_id, Step.DELIVER).attempts == 1
         book.await_retry(job_id, 30)
