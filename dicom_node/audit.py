@@ -518,6 +518,33 @@ class AuditTrail:
             self._head_file.advance(head)
         return AuditEvent(id=row_id, **values)
 
+    def record_service_activity(
+        self,
+        service: str,
+        event_type: EventTypeCode,
+        outcome: Outcome = Outcome.SUCCESS,
+        *,
+        ae_title: str | None = None,
+        network_address: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> AuditEvent:
+        """110100 Application Activity of one of the node's own processes (``serve``, ``worker``)
+        starting, stopping or refusing to start, named by its process id."""
+        return self.record(
+            EventID.APPLICATION_ACTIVITY,
+            outcome,
+            event_type=event_type,
+            participants=[
+                Participant(
+                    Role.APPLICATION,
+                    ae_title=ae_title,
+                    network_address=network_address,
+                    user_id=str(os.getpid()),
+                )
+            ],
+            detail={"service": service, **(detail or {})},
+        )
+
     def _lock_for_append(self, connection: Connection) -> None:
         """Take the database-wide append lock inside the connection's transaction."""
         dialect = connection.dialect.name

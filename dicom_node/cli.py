@@ -48,20 +48,26 @@ def service_settings_or_exit(config: Path | None, service: str) -> Settings:
 
 
 def _audit_refused_start(config: Path | None, service: str, reason: str) -> str:
-    """Record 110100 Application Activity / Application Start, serious failure, where the
-    ``database`` section can be read and names a migrated database with its audit key: a refused
-    start creates no database and no key. Returns the line saying where it went, or why nowhere."""
+    """Record the refusal (110100 / 110120, serious failure) where the ``database`` section can be
+    read and names a migrated database, its audit key and the folder of its head file: a refused
+    start creates no database, key or folder. Returns the line saying where it went, or why nowhere."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from dicom_node.audit import AuditKeyError, AuditTrail, EventID, EventTypeCode, Outcome, Participant, Role
+    from dicom_node.audit import AuditKeyError, AuditTrail, EventTypeCode, Outcome
     from dicom_node.db import Database, migrate
 
     try:
         section = load_database_section(config)
     except ConfigError as exc:
         return f"not audited: the database section cannot be read either ({exc})"
-    url = make_url(section.url)
+    head_folder = Path(section.audit_key_file).parent
+    if not head_folder.is_dir():
+        return f"not audited: the audit folder {head_folder} does not exist"
+    try:
+        url = make_url(section.url)
+    except (SQLAlchemyError, ValueError):  # their messages may quote the URL, password and all
+        return "not audited: database.url is not a database URL"
     shown = url.render_as_string(hide_password=True)
     if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).is_file()):
         return f"not audited: database {shown} does not exist"
@@ -70,13 +76,11 @@ def _audit_refused_start(config: Path | None, service: str, reason: str) -> str:
             return f"not audited: database {shown} is not initialised"
         database = Database(section.url)
         try:
-            AuditTrail.for_database(section, database, create_key=False).record(
-                EventID.APPLICATION_ACTIVITY,
+            AuditTrail.for_database(section, database, create_key=False).record_service_activity(
+                service,
+                EventTypeCode.APPLICATION_START,
                 Outcome.SERIOUS_FAILURE,
-                event_type=EventTypeCode.APPLICATION_START,
-                participants=[Participant(Role.APPLICATION, user_id=str(os.getpid()))],
                 detail={
-                    "service": service,
                     "refused": reason,
                     "config_file": str(config or os.environ.get(CONFIG_ENV) or "") or None,
                 },
@@ -85,7 +89,7 @@ def _audit_refused_start(config: Path | None, service: str, reason: str) -> str:
             database.dispose()
     except AuditKeyError as exc:
         return f"not audited: {exc}"
-    except SQLAlchemyError as exc:  # its message may name hosts and users: the type is enough here
+    except (SQLAlchemyError, ImportError, OSError) as exc:  # messages may name hosts and users
         return f"not audited: database {shown} could not be written ({type(exc).__name__})"
     return f"the refused start is recorded in the audit trail of {shown}"
 

@@ -11,12 +11,11 @@ flush the SQL writer and audit the stop.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from types import FrameType
 
-from dicom_node.audit import AuditTrail, EventID, EventTypeCode, Outcome, Participant, Role
+from dicom_node.audit import AuditTrail, EventTypeCode
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.config import Settings
 from dicom_node.db.migrate import upgrade
@@ -91,18 +90,11 @@ class NodeServer:
         return self.receivers.port
 
     def _audit_activity(self, event_type: EventTypeCode) -> None:
-        self.audit.record(
-            EventID.APPLICATION_ACTIVITY,
-            Outcome.SUCCESS,
-            event_type=event_type,
-            participants=[
-                Participant(
-                    Role.APPLICATION,
-                    ae_title=self.settings.node.ae_title,
-                    network_address=self.settings.node.host,
-                    user_id=str(os.getpid()),
-                )
-            ],
+        self.audit.record_service_activity(
+            "serve",
+            event_type,
+            ae_title=self.settings.node.ae_title,
+            network_address=self.settings.node.host,
             detail={"port": self.settings.node.port},
         )
 

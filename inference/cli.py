@@ -26,13 +26,20 @@ def synth(
 
 
 def _step_budgets(text: str | None, stages: Sequence[str]) -> dict[str, int]:
-    """``--steps`` as {stage: steps}: comma-separated ``stage=N`` with N a positive integer."""
+    """``--steps`` as {stage: steps}: comma-separated ``stage=N``, once per stage this run trains,
+    N a positive integer."""
     budgets: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         name, _, value = item.partition("=")
-        if name not in stages or not value.isdigit() or int(value) < 1:
+        if (
+            name not in stages
+            or name in budgets
+            or not value.isascii()
+            or not value.isdecimal()
+            or int(value) < 1
+        ):
             raise typer.BadParameter(
-                f"{item!r}: expected stage=N with a stage of {', '.join(stages)} and N a positive integer",
+                f"{item!r}: expected stage=N, once per stage of {', '.join(stages)}, N a positive integer",
                 param_hint="--steps",
             )
         budgets[name] = int(value)
@@ -74,10 +81,10 @@ def train(
     torch.set_num_threads(threads)
     if (manifest is None) == (not synthetic):
         raise typer.BadParameter("give exactly one of --manifest or --synthetic")
-    step_budgets = _step_budgets(steps, training.STAGES)
     stages = list(training.STAGES) if stage == "all" else [stage]
     if preset == "medgemma-4b" and stage == "all":
         stages = ["contrastive", "projector", "lora"]  # pretrained 2D and text weights: no pretraining
+    step_budgets = _step_budgets(steps, stages)
     grid = Brain3DConfig.from_preset(preset).input_grid
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "data.pt"

@@ -58,8 +58,8 @@ class StageSettings:
     """How long and how hard one stage trains."""
 
     minutes: float = 2.0
-    #: When set, the stage runs this many optimiser steps (or ``max_epochs``, if fewer) and time
-    #: does not bound it, so the run is the same on any machine; else ``minutes`` bounds it.
+    #: When set, the stage runs exactly this many optimiser steps, whatever ``minutes`` and
+    #: ``max_epochs`` say, so the run is the same on any machine; else ``minutes`` bounds it.
     max_steps: int | None = None
     max_epochs: int = 50
     micro_batch: int = 8
@@ -264,11 +264,10 @@ def run_loop(
         return StageResult(**json.loads((stage_dir / "done.json").read_text()))
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.01)
     steps_per_epoch = max(len(train_indices) // (settings.micro_batch * settings.accumulation), 1)
-    total_steps = steps_per_epoch * settings.max_epochs
     if settings.max_steps is not None:
-        total_steps, budget = min(total_steps, settings.max_steps), math.inf
+        total_steps, budget = settings.max_steps, math.inf
     else:
-        budget = max(settings.minutes * 60, 1e-6)
+        total_steps, budget = steps_per_epoch * settings.max_epochs, max(settings.minutes * 60, 1e-6)
     warmup = min(50, total_steps // 10 + 1)
 
     def learning_rate_factor(step: int) -> float:
@@ -280,12 +279,17 @@ def run_loop(
         progress = min(max(step / max(total_steps, 1), elapsed / budget), 1.0)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    state = {"step": 0, "elapsed": 0.0, "best": math.inf, "log": []}
+    state = {"step": 0, "elapsed": 0.0, "best": math.inf, "log": [], "max_steps": settings.max_steps}
     last = stage_dir / "last.pt"
     _seed_everything(seed)
     saved = torch.load(last, weights_only=False) if last.exists() else None
     if saved is not None:
         state = saved["state"]
+        if state.get("max_steps") != settings.max_steps:  # its learning-rate schedule would jump
+            raise ValueError(
+                f"stage {stage} was started with a step budget of {state.get('max_steps')}, not "
+                f"{settings.max_steps}: resume it with the same --steps, or remove {last} to restart it"
+            )
     started = time.perf_counter() - state["elapsed"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
     if saved is not None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from sqlalchemy import update
 
-from dicom_node.audit import Action, EventID, EventTypeCode, Outcome, Participant, Role
+from dicom_node.audit import Action, EventID, EventTypeCode, Outcome
 from dicom_node.cli import ConfigOption, service_settings_or_exit, settings_or_exit
 from dicom_node.db import Job, JobState
 from dicom_node.db.migrate import upgrade
@@ -17,7 +17,7 @@ from dicom_node.db.models import utcnow
 from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
 from worker.jobs import JobBook
 from worker.reconciler import Reconciler, reconcile_once
-from worker.runtime import Runtime, configure
+from worker.runtime import configure
 
 jobs_app = typer.Typer(help="Act on jobs: retry a failed one, re-enqueue what the broker lost.")
 
@@ -45,7 +45,10 @@ def worker(
     reconciler = Reconciler(runtime, app) if reconcile else None
     if reconciler is not None:
         reconciler.start()
-    _audit_activity(runtime, EventTypeCode.APPLICATION_START, queues)
+    ae_title, detail = settings.node.ae_title, {"queues": queues}
+    runtime.audit.record_service_activity(
+        "worker", EventTypeCode.APPLICATION_START, ae_title=ae_title, detail=detail
+    )
     try:
         app.worker_main(
             [
@@ -62,19 +65,9 @@ def worker(
     finally:
         if reconciler is not None:
             reconciler.stop()
-        _audit_activity(runtime, EventTypeCode.APPLICATION_STOP, queues)
-
-
-def _audit_activity(runtime: Runtime, event_type: EventTypeCode, queues: str) -> None:
-    runtime.audit.record(
-        EventID.APPLICATION_ACTIVITY,
-        Outcome.SUCCESS,
-        event_type=event_type,
-        participants=[
-            Participant(Role.APPLICATION, ae_title=runtime.settings.node.ae_title, user_id=str(os.getpid()))
-        ],
-        detail={"service": "worker", "queues": queues},
-    )
+        runtime.audit.record_service_activity(
+            "worker", EventTypeCode.APPLICATION_STOP, ae_title=ae_title, detail=detail
+        )
 
 
 @jobs_app.command("retry")

@@ -45,7 +45,10 @@ _STEP_COLUMNS: dict[Step, tuple[str, str]] = {
 
 
 def next_step(job: Job) -> Step:
-    """The first step of ``job`` that has not finished."""
+    """The first step of ``job`` that has not finished; delivery once it has started, as its SRs
+    exist by then (a series that was not analysed delivers its SR with conversion unfinished)."""
+    if job.delivery_started_at is not None and job.delivered_at is None:
+        return Step.DELIVER
     for step in Step:
         if getattr(job, _STEP_COLUMNS[step][1]) is None:
             return step
@@ -171,7 +174,7 @@ class JobBook:
         with self.runtime.database.session() as session:
             session.execute(
                 update(Job)
-                .where(Job.id == job_id)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.delivered_at.is_(None))
                 .values(delivery_started_at=None, heartbeat_at=utcnow() + timedelta(seconds=seconds))
             )
 

@@ -194,7 +194,8 @@ def deliver_reports(self, job_id: int) -> None:
         )
         return
     try:
-        result = deliver(runtime, job)
+        with book.heartbeat(job_id):  # a PACS that times out can hold one attempt for minutes
+            result = deliver(runtime, job)
     except Exception as error:
         raise JobFailedError(_fail(book, job_id, Step.DELIVER, error)) from None
     if result.complete:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import random
 import time
@@ -197,7 +199,8 @@ def test_a_stage_ended_by_its_time_budget_has_annealed_its_learning_rate(tmp_pat
 
 def test_a_step_budget_replaces_the_time_budget_and_anneals_over_its_steps(tmp_path: Path) -> None:
     """With ``max_steps`` a stage runs exactly that many steps however slow the machine (here: a
-    budget of a fraction of a second that would otherwise stop it after a few), decaying to the floor."""
+    budget of a fraction of a second, and one epoch of 8 steps, that would otherwise stop it early),
+    decaying to the floor; resuming it under another budget is refused."""
     toy = _ToyStage()
 
     def slow_loss(batch: list[int], rng: random.Random) -> torch.Tensor:
@@ -205,12 +208,26 @@ def test_a_step_budget_replaces_the_time_budget_and_anneals_over_its_steps(tmp_p
         return toy.loss(batch)
 
     settings = training.StageSettings(
-        minutes=1e-4, max_steps=60, max_epochs=10_000, micro_batch=4, validate_every=1_000
+        minutes=1e-4, max_steps=60, max_epochs=1, micro_batch=4, validate_every=20
     )
-    result = toy.run(slow_loss, settings, tmp_path)
+    result = toy.run(slow_loss, settings, tmp_path / "whole")
     assert result.steps == 60
     rates = [entry["lr"] for entry in result.log if "lr" in entry]
     assert max(rates) > 0.8e-3 and rates[-1] < 0.11e-3
+
+    calls = itertools.count()
+
+    def crash_at_25(batch: list[int], rng: random.Random) -> torch.Tensor:
+        if next(calls) == 25:
+            raise KeyboardInterrupt
+        return toy.loss(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        toy.run(crash_at_25, settings, tmp_path / "resumed")
+    for other in (dataclasses.replace(settings, max_steps=90), dataclasses.replace(settings, max_steps=None)):
+        with pytest.raises(ValueError, match="resume it with the same --steps"):
+            toy.run(crash_at_25, other, tmp_path / "resumed")
+    assert toy.run(slow_loss, settings, tmp_path / "resumed").steps == 60
 
 
 def test_train_reads_step_budgets_and_refuses_a_malformed_one() -> None:
@@ -220,9 +237,11 @@ def test_train_reads_step_budgets_and_refuses_a_malformed_one() -> None:
 
     assert _step_budgets("contrastive=464, lora=1313", training.STAGES) == {"contrastive": 464, "lora": 1313}
     assert _step_budgets(None, training.STAGES) == {}
-    for malformed in ("lora=0", "lora", "lora=ten", "decoder=10"):
+    for malformed in ("lora=0", "lora", "lora=ten", "lora=²", "decoder=10", "lora=5,lora=6"):
         with pytest.raises(BadParameter, match="stage=N"):
             _step_budgets(malformed, training.STAGES)
+    with pytest.raises(BadParameter, match="once per stage of lora"):
+        _step_budgets("contrastive=10", ["lora"])  # a budget for a stage this run does not train
 
 
 def test_mirror_augmentation_pairs_each_study_with_its_twin(tiny_data) -> None:

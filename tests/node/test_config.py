@@ -170,15 +170,33 @@ def test_a_service_refused_for_its_configuration_is_audited_in_the_database_it_n
     assert verified.exit_code == 0, verified.output
 
 
-def test_a_refused_start_creates_no_database_and_says_it_was_not_audited(tmp_path: Path) -> None:
-    database = tmp_path / "never.db"
-    config = tmp_path / "node.toml"
-    config.write_text(f'[database]\nurl = "sqlite:///{database}"\n\n[node]\nport = 70000\n')
-    result = CliRunner().invoke(app, ["serve", "--config", str(config)])
-    assert result.exit_code == 2
-    _, where = result.stderr.strip().splitlines()
-    assert where == f"not audited: database sqlite:///{database} does not exist"
-    assert not database.exists()
+def test_a_refused_start_creates_nothing_and_says_why_it_was_not_audited(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """No database, key or folder comes into being for a start that is refused; each reason is named."""
+    from dicom_node.db.migrate import upgrade
+
+    key = tmp_path / "audit.key"
+    never = tmp_path / "never.db"
+    migrated = f"sqlite:///{tmp_path / 'migrated.db'}"
+    upgrade(migrated)
+    cases = {
+        f'url = "sqlite:///{never}"\naudit_key_file = "{key}"': f"database sqlite:///{never} does not exist",
+        f'url = "{postgres_url}"\naudit_key_file = "{key}"': "is not initialised",
+        f'url = "{migrated}"\naudit_key_file = "{key}"': f"audit key file {key} does not exist",
+        f'url = "{migrated}"\naudit_key_file = "{tmp_path / "absent" / "audit.key"}"': "audit folder",
+        'url = "postgresql://user:secret@host:port/db"': "database.url is not a database URL",
+        'url = "user:secret@host/db"': "database.url is not a database URL",
+    }
+    for database, expected in cases.items():
+        config = tmp_path / "node.toml"
+        config.write_text(f"[database]\n{database}\n\n[node]\nport = 70000\n")
+        result = CliRunner().invoke(app, ["serve", "--config", str(config)])
+        assert result.exit_code == 2
+        _, where = result.stderr.strip().splitlines()
+        assert where.startswith("not audited: ") and expected in where, where
+        assert "secret" not in result.stderr
+    assert not never.exists() and not key.exists() and not (tmp_path / "absent").exists()
 
 
 def test_a_refused_start_with_an_unreadable_database_section_says_so(tmp_path: Path) -> None:

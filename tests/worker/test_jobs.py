@@ -101,8 +101,27 @@ def test_a_scheduled_delivery_retry_is_not_an_interruption(runtime):
         # stale_after_s is 30: 45 s on, a heartbeat dated 30 s ahead is still fresh.
         later = utcnow() + timedelta(seconds=45)
         assert job_id not in dict(stale_jobs(runtime, now=later)), "a job waiting for its retry is not stale"
+    book.begin(job_id, Step.DELIVER)  # the PACS is back
     book.complete(job_id, Step.DELIVER)
     assert book.begin(job_id, Step.DELIVER) is None, "a delivered job is not delivered again"
+    book.finish(job_id, JobState.SUCCEEDED)
+    book.await_retry(job_id, 30)  # a late duplicate's retry leaves a finished job as it is
+    assert book.get(job_id).delivery_started_at is not None
+
+
+def test_a_job_whose_delivery_started_resumes_at_delivery(runtime):
+    """A series that was not analysed sends its short SR with conversion unfinished: a worker lost
+    in that delivery resumes it, not the conversion (which would count the loss twice)."""
+    old = utcnow() - timedelta(seconds=120)
+    job_id = _job(
+        runtime,
+        state=JobState.RUNNING,
+        heartbeat_at=old,
+        conversion_started_at=old,
+        delivery_started_at=old,
+        error_reason="too few slices",
+    )
+    assert dict(stale_jobs(runtime)) == {job_id: Step.DELIVER}
 
 
 def test_a_final_job_is_never_changed_again(runtime):

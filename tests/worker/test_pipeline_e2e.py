@@ -87,15 +87,15 @@ def _events(environment: NodeEnvironment, job_id: int) -> list[tuple[str, str | 
         return [(row.event_id, row.event_type, row.outcome) for row in rows]
 
 
-def _worker_starts(environment: NodeEnvironment) -> list[str]:
-    """The process ids of the workers whose start (110100 / 110120) the trail holds."""
+def _worker_activity(environment: NodeEnvironment) -> list[tuple[str, str]]:
+    """(event type, process id) of each worker start (110120) and stop (110121) the trail holds."""
     with environment.database().session() as session:
         query = select(AuditEvent.document).where(AuditEvent.event_id == "110100")
         documents = [json.loads(document) for document in session.scalars(query)]
     return [
-        d["participants"][0]["user_id"]
+        (d["event_type"]["code"], d["participants"][0]["user_id"])
         for d in documents
-        if (d["event_type"] or {}).get("code") == "110120" and d["detail"].get("service") == "worker"
+        if d["detail"].get("service") == "worker"
     ]
 
 
@@ -203,7 +203,9 @@ def test_a_study_comes_back_as_two_valid_srs_in_orthanc(redis_environment, ortha
         steps = ["job-started", "conversion", "inference", "reports-built", "110106", "job-succeeded"]
         assert _in_order([event_type or event_id for event_id, event_type, _ in events], steps)
         assert all(outcome == 0 for _, _, outcome in events), "every step succeeded, first time"
-        assert _worker_starts(environment) == [str(worker.process.pid)], "the worker's start is audited"
+        pid = str(worker.process.pid)
+        worker.stop()
+        assert _worker_activity(environment) == [("110120", pid), ("110121", pid)], "start and stop audited"
         _audit_verifies(environment)
     finally:
         worker.stop()
