@@ -67,7 +67,7 @@ def train(
     ] = None,
     micro_batch: Annotated[int | None, typer.Option(help="override every stage's micro-batch")] = None,
     accumulation: Annotated[int | None, typer.Option(help="override gradient accumulation")] = None,
-    threads: Annotated[int, typer.Option(help="CPU threads for torch")] = 2,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch; processes synthesising data")] = 2,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
     """Train Brain3D stage by stage (seeded, resumable; see inference/training.py)."""
@@ -105,7 +105,7 @@ def train(
             raise typer.Exit(2)
     else:
         if synthetic:
-            data = training.synthetic_data(cases, source["synthetic_seed"], grid)
+            data = training.synthetic_data(cases, source["synthetic_seed"], grid, workers=threads)
         else:
             data = training.manifest_data(manifest, grid)  # type: ignore[arg-type]
         data.source = source

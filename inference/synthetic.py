@@ -424,13 +424,21 @@ def lesional_flags(cases: int, seed: int, lesional_fraction: float = 0.7) -> np.
     return np.random.default_rng([seed, 0xF1A6]).permutation(flags)
 
 
-def generate_cases(cases: int, seed: int, lesional_fraction: float = 0.7) -> Iterator[Case]:
-    """``cases`` cases of one seed. Which cases are lesional is a seeded permutation over all
-    ``cases`` (exactly the fraction asked for); given that flag, case ``i`` depends only on
-    (seed, i). A set of another size from the same seed is therefore a different set."""
+def case_plans(
+    cases: int, seed: int, lesional_fraction: float = 0.7
+) -> list[tuple[str, bool, tuple[int, int]]]:
+    """The arguments of :func:`synthesize_case` for each case of one seed, in order. Which cases are
+    lesional is a seeded permutation over all ``cases`` (exactly the fraction asked for); given that
+    flag, case ``i`` depends only on (seed, i). A set of another size from the same seed is
+    therefore a different set."""
     flags = lesional_flags(cases, seed, lesional_fraction)
-    for index in range(cases):
-        yield synthesize_case(f"syn-{seed}-{index:05d}", bool(flags[index]), (seed, index))
+    return [(f"syn-{seed}-{index:05d}", bool(flags[index]), (seed, index)) for index in range(cases)]
+
+
+def generate_cases(cases: int, seed: int, lesional_fraction: float = 0.7) -> Iterator[Case]:
+    """``cases`` cases of one seed (see :func:`case_plans`)."""
+    for plan in case_plans(cases, seed, lesional_fraction):
+        yield synthesize_case(*plan)
 
 
 def write_dataset(

@@ -24,12 +24,15 @@ language-modelling stages (``vision_in_lm_stages``): there is no pretrained feat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import multiprocessing
 import random
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,23 +154,42 @@ class TrainingData:
         )
 
 
-def synthetic_data(cases: int, seed: int, grid: Sequence[int], val_fraction: float = 0.1) -> TrainingData:
-    """Synthesise and prepare ``cases`` cases in memory (through :func:`prepare`, like any file)."""
+def synthetic_data(
+    cases: int, seed: int, grid: Sequence[int], val_fraction: float = 0.1, workers: int = 1
+) -> TrainingData:
+    """Synthesise and prepare ``cases`` cases in memory (through :func:`prepare`, like any file),
+    in ``workers`` processes; the data do not depend on how many."""
+    from inference.synthetic import case_plans
+
+    plans = [(*plan, tuple(grid)) for plan in case_plans(cases, seed)]
+    with contextlib.ExitStack() as stack:
+        if workers > 1:  # spawned, not forked: torch's thread pools do not survive a fork
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            )
+            prepared = pool.map(_synthetic_case, plans, chunksize=4)
+        else:
+            prepared = map(_synthetic_case, plans)
+        volumes, findings, reports = zip(
+            *tqdm(prepared, total=cases, desc="synthesise", leave=False), strict=True
+        )
+    cut = round(cases * (1 - val_fraction))
+    splits = ["train" if index < cut else "val" for index in range(cases)]
+    return TrainingData(torch.stack(volumes), list(findings), list(reports), splits)
+
+
+def _synthetic_case(
+    plan: tuple[str, bool, tuple[int, int], tuple[int, int, int]],
+) -> tuple[torch.Tensor, Findings, str]:
+    """One synthetic case prepared for the model: the unit of work of :func:`synthetic_data`."""
     import nibabel as nib
 
     from inference.preprocessing import prepare
-    from inference.synthetic import generate_cases
+    from inference.synthetic import synthesize_case
 
-    volumes, findings, reports, splits = [], [], [], []
-    cut = round(cases * (1 - val_fraction))
-    for index, case in enumerate(
-        tqdm(generate_cases(cases, seed), total=cases, desc="synthesise", leave=False)
-    ):
-        volumes.append(prepare(nib.Nifti1Image(case.volume, case.affine), grid))
-        findings.append(case.findings)
-        reports.append(case.report)
-        splits.append("train" if index < cut else "val")
-    return TrainingData(torch.stack(volumes), findings, reports, splits)
+    case_id, lesional, case_seed, grid = plan
+    case = synthesize_case(case_id, lesional, case_seed)
+    return prepare(nib.Nifti1Image(case.volume, case.affine), grid), case.findings, case.report
 
 
 def manifest_data(manifest: Path, grid: Sequence[int]) -> TrainingData:

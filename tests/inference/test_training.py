@@ -244,6 +244,17 @@ def test_train_reads_step_budgets_and_refuses_a_malformed_one() -> None:
         _step_budgets("contrastive=10", ["lora"])  # a budget for a stage this run does not train
 
 
+def test_synthetic_data_do_not_depend_on_the_number_of_processes(tiny_data) -> None:
+    grid = Brain3DConfig.from_preset("tiny").input_grid
+    parallel = training.synthetic_data(12, seed=77, grid=grid, val_fraction=0.34, workers=2)
+    assert torch.equal(parallel.volumes, tiny_data.volumes)
+    assert (parallel.findings, parallel.reports, parallel.splits) == (
+        tiny_data.findings,
+        tiny_data.reports,
+        tiny_data.splits,
+    )
+
+
 def test_mirror_augmentation_pairs_each_study_with_its_twin(tiny_data) -> None:
     """The first half of a batch and its mirrored twins: volume flipped, side swapped, rest kept."""
     from inference.report_schema import Side, parse
