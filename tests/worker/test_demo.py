@@ -78,11 +78,6 @@ def test_the_demo_reports_the_true_side(demo: tuple[str, Path]) -> None:
     assert truth in {"left", "right", "bilateral"} and coded == truth
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="demo checkpoint v2 reports the right cerebellar lesion of the demo case as right temporal "
-    "(docs/results.md); issue 5 asks for the true lobe",
-)
 def test_the_demo_reports_the_true_lobe(demo: tuple[str, Path]) -> None:
     coded, truth, _ = _findings_table(demo[0])["lobes"]
     assert coded == truth
