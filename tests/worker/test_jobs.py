@@ -109,21 +109,6 @@ def test_a_scheduled_delivery_retry_is_not_an_interruption(runtime):
     assert book.get(job_id).delivery_started_at is not None
 
 
-def test_a_job_whose_delivery_started_resumes_at_delivery(runtime):
-    """A series that was not analysed sends its short SR with conversion unfinished: a worker lost
-    in that delivery resumes it, not the conversion (which would count the loss twice)."""
-    old = utcnow() - timedelta(seconds=120)
-    job_id = _job(
-        runtime,
-        state=JobState.RUNNING,
-        heartbeat_at=old,
-        conversion_started_at=old,
-        delivery_started_at=old,
-        error_reason="too few slices",
-    )
-    assert dict(stale_jobs(runtime)) == {job_id: Step.DELIVER}
-
-
 def test_a_final_job_is_never_changed_again(runtime):
     job_id = _job(runtime)
     book = JobBook(runtime)
@@ -151,9 +136,19 @@ def test_stale_jobs_resume_at_their_next_step(runtime):
         inference_finished_at=old,
         sr_built_at=old,
     )
+    # A series that was not analysed sends its short SR with conversion unfinished: a worker lost in
+    # that delivery resumes it, not the conversion (which would count the loss twice).
+    dead_in_not_analysed_delivery = _job(
+        runtime, state=JobState.RUNNING, heartbeat_at=old, conversion_started_at=old, delivery_started_at=old
+    )
     finished = _job(runtime, state=JobState.SUCCEEDED, heartbeat_at=old)
     found = dict(stale_jobs(runtime))
-    assert found == {lost_queued: Step.CONVERT, dead_in_inference: Step.INFER, dead_in_delivery: Step.DELIVER}
+    assert found == {
+        lost_queued: Step.CONVERT,
+        dead_in_inference: Step.INFER,
+        dead_in_delivery: Step.DELIVER,
+        dead_in_not_analysed_delivery: Step.DELIVER,
+    }
     assert fresh_running not in found and finished not in found
 
 
