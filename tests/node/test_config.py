@@ -185,8 +185,8 @@ def test_a_refused_start_creates_nothing_and_says_why_it_was_not_audited(
         f'url = "{postgres_url}"\naudit_key_file = "{key}"': "is not initialised",
         f'url = "{migrated}"\naudit_key_file = "{key}"': f"audit key file {key} does not exist",
         f'url = "{migrated}"\naudit_key_file = "{tmp_path / "absent" / "audit.key"}"': "audit folder",
-        'url = "postgresql://user:secret@host:port/db"': "database.url is not a database URL",
-        'url = "user:secret@host/db"': "database.url is not a database URL",
+        f'url = "postgresql://user:secret@host:port/db"\naudit_key_file = "{key}"': "not a database URL",
+        f'url = "user:secret@host/db"\naudit_key_file = "{key}"': "not a database URL",
     }
     for database, expected in cases.items():
         config = tmp_path / "node.toml"
