@@ -45,18 +45,12 @@ def score(
 
 def synthetic_evaluation(model: Brain3D, cases: int, seed: int, lesional_fraction: float = 0.7) -> dict:
     """Metrics on ``cases`` fresh synthetic cases of ``seed`` (prepared like any file)."""
-    import nibabel as nib
+    from inference.training import synthetic_data
 
-    from inference.preprocessing import prepare
-    from inference.synthetic import generate_cases
-
-    volumes, references = [], []
-    for case in generate_cases(cases, seed, lesional_fraction):
-        volumes.append(prepare(nib.Nifti1Image(case.volume, case.affine), model.config))
-        references.append(case.report)
-    generated, seconds = generate_reports(model, torch.stack(volumes))
-    metrics = score(references, generated, seconds)
-    metrics["samples"] = list(zip(references, generated, strict=True))
+    data = synthetic_data(cases, seed, model.config.input_grid, lesional_fraction=lesional_fraction)
+    generated, seconds = generate_reports(model, data.volumes)
+    metrics = score(data.reports, generated, seconds)
+    metrics["samples"] = list(zip(data.reports, generated, strict=True))
     return metrics
 
 

@@ -155,13 +155,18 @@ class TrainingData:
 
 
 def synthetic_data(
-    cases: int, seed: int, grid: Sequence[int], val_fraction: float = 0.1, workers: int = 1
+    cases: int,
+    seed: int,
+    grid: Sequence[int],
+    val_fraction: float = 0.1,
+    workers: int = 1,
+    lesional_fraction: float = 0.7,
 ) -> TrainingData:
     """Synthesise and prepare ``cases`` cases in memory (through :func:`prepare`, like any file),
     in ``workers`` processes; the data do not depend on how many."""
     from inference.synthetic import case_plans
 
-    plans = [(*plan, tuple(grid)) for plan in case_plans(cases, seed)]
+    plans = [(*plan, tuple(grid)) for plan in case_plans(cases, seed, lesional_fraction)]
     with contextlib.ExitStack() as stack:
         if workers > 1:  # spawned, not forked: torch's thread pools do not survive a fork
             pool = stack.enter_context(
