@@ -55,6 +55,15 @@ def train(
     manifest: Annotated[Path | None, typer.Option(help="manifest.jsonl (train/val splits)")] = None,
     synthetic: Annotated[bool, typer.Option(help="synthesise the training data instead")] = False,
     cases: Annotated[int, typer.Option(help="synthetic cases (train + 10% validation)")] = 1200,
+    edema_probability: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="share of synthetic lesions drawn with edema; default: as in the test sets "
+            "(inference.synthetic.EDEMA_PROBABILITY). Lower shows the model more lesions without edema",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     init: Annotated[Path | None, typer.Option(help="start from this checkpoint")] = None,
     minutes_scale: Annotated[float, typer.Option(help="multiply every stage's time budget")] = 1.0,
@@ -77,8 +86,11 @@ def train(
 
     from inference import training
     from inference.configuration_brain3d import Brain3DConfig
+    from inference.synthetic import EDEMA_PROBABILITY
 
     torch.set_num_threads(threads)
+    if edema_probability is None:
+        edema_probability = EDEMA_PROBABILITY
     if (manifest is None) == (not synthetic):
         raise typer.BadParameter("give exactly one of --manifest or --synthetic")
     stages = list(training.STAGES) if stage == "all" else [stage]
@@ -89,7 +101,11 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "data.pt"
     source = (
-        {"synthetic_cases": cases, "synthetic_seed": seed + 1_000_003}
+        {
+            "synthetic_cases": cases,
+            "synthetic_seed": seed + 1_000_003,
+            "synthetic_edema_probability": edema_probability,
+        }
         if synthetic
         else {"manifest": str(manifest.resolve())}  # type: ignore[union-attr]
     ) | {"grid": list(grid)}
@@ -105,7 +121,9 @@ def train(
             raise typer.Exit(2)
     else:
         if synthetic:
-            data = training.synthetic_data(cases, source["synthetic_seed"], grid, workers=threads)
+            data = training.synthetic_data(
+                cases, source["synthetic_seed"], grid, workers=threads, edema_probability=edema_probability
+            )
         else:
             data = training.manifest_data(manifest, grid)  # type: ignore[arg-type]
         data.source = source

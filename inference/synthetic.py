@@ -44,6 +44,9 @@ LOBE_CODES = {lobe: code for code, lobe in enumerate(Lobe, start=1)}
 
 #: Lesion core radius (mm) per size class.
 SIZE_RADIUS_MM = {Size.SMALL: (6.0, 9.0), Size.MEDIUM: (10.0, 13.5), Size.LARGE: (14.5, 19.0)}
+#: Share of lesions drawn with surrounding edema, as in the test sets. Training data may draw more
+#: lesions without edema (``edema_probability``): they are the ones a small model misses.
+EDEMA_PROBABILITY = 0.85
 SIDE_WEIGHTS = {Side.LEFT: 0.42, Side.RIGHT: 0.42, Side.BILATERAL: 0.16}
 LOBE_WEIGHTS = {
     Lobe.FRONTAL: 0.3,
@@ -209,8 +212,11 @@ def _pick(rng: np.random.Generator, weights: dict) -> object:
     return keys[rng.choice(len(keys), p=np.array(list(weights.values())) / sum(weights.values()))]
 
 
-def plan_lesion(rng: np.random.Generator) -> LesionPlan:
-    """Draw side, lobe, size and composition, then a centre inside that lobe and side."""
+def plan_lesion(rng: np.random.Generator, edema_probability: float = EDEMA_PROBABILITY) -> LesionPlan:
+    """Draw side, lobe, size and composition, then a centre inside that lobe and side.
+
+    ``edema_probability`` changes only which lesions have edema: every other draw, and the random
+    stream after it, is the same whatever its value."""
     maps, anatomy = _static_maps(), load_anatomy()
     side = _pick(rng, SIDE_WEIGHTS)
     lobe = (
@@ -249,7 +255,7 @@ def plan_lesion(rng: np.random.Generator) -> LesionPlan:
         lobe=lobe,
         size=size,
         edema_extent=float(rng.uniform(1.7, 2.4)),
-        has_edema=bool(rng.random() < 0.85),
+        has_edema=bool(rng.random() < edema_probability),
         has_necrosis=has_necrosis,
         has_enhancement=bool(rng.random() < (0.8 if has_necrosis else 0.3)),
     )
@@ -301,11 +307,12 @@ def _ventricle_csf(csf: np.ndarray, maps: dict[str, np.ndarray], side: Side) -> 
 
 
 def _compose_template_case(
-    lesional: bool, rng: np.random.Generator
+    lesional: bool, rng: np.random.Generator, edema_probability: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Findings]:
     """Image, label mask and probe region on the template grid, plus the findings."""
     anatomy, maps = load_anatomy(), _static_maps()
-    plan = plan_lesion(rng)  # drawn for controls too: same random stream, matched probe region
+    # Drawn for controls too: the same random stream, and a matched probe region.
+    plan = plan_lesion(rng, edema_probability)
     radius, noise = _lesion_fields(plan, rng)
     edema_reach = plan.edema_extent * (0.75 + 0.35 * anatomy.wm) + noise
     region = (radius < 1.0) | ((edema_reach > radius) & (anatomy.brain > 0.3) if plan.has_edema else False)
@@ -388,10 +395,16 @@ def _bias_field(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     return np.exp(log_field).astype(np.float32)
 
 
-def synthesize_case(case_id: str, lesional: bool, seed: int | tuple[int, ...]) -> Case:
-    """One case, fully determined by ``seed`` (a numpy seed or seed sequence entropy)."""
+def synthesize_case(
+    case_id: str,
+    lesional: bool,
+    seed: int | tuple[int, ...],
+    edema_probability: float = EDEMA_PROBABILITY,
+) -> Case:
+    """One case, fully determined by ``seed`` (a numpy seed or seed sequence entropy) and
+    ``edema_probability`` (see :func:`plan_lesion`)."""
     rng = np.random.default_rng(seed)
-    image, labels, region, findings = _compose_template_case(lesional, rng)
+    image, labels, region, findings = _compose_template_case(lesional, rng, edema_probability)
     pose, affine = _scanner_pose(rng)
     shape = tuple(np.ceil(FIELD_OF_VIEW_MM / np.diag(affine)[:3]).astype(int))
     # output voxel -> scanner mm -> template mm -> template voxel
@@ -425,14 +438,20 @@ def lesional_flags(cases: int, seed: int, lesional_fraction: float = 0.7) -> np.
 
 
 def case_plans(
-    cases: int, seed: int, lesional_fraction: float = 0.7
-) -> list[tuple[str, bool, tuple[int, int]]]:
+    cases: int,
+    seed: int,
+    lesional_fraction: float = 0.7,
+    edema_probability: float = EDEMA_PROBABILITY,
+) -> list[tuple[str, bool, tuple[int, int], float]]:
     """The arguments of :func:`synthesize_case` for each case of one seed, in order. Which cases are
     lesional is a seeded permutation over all ``cases`` (exactly the fraction asked for); given that
     flag, case ``i`` depends only on (seed, i). A set of another size from the same seed is
     therefore a different set."""
     flags = lesional_flags(cases, seed, lesional_fraction)
-    return [(f"syn-{seed}-{index:05d}", bool(flags[index]), (seed, index)) for index in range(cases)]
+    return [
+        (f"syn-{seed}-{index:05d}", bool(flags[index]), (seed, index), edema_probability)
+        for index in range(cases)
+    ]
 
 
 def generate_cases(cases: int, seed: int, lesional_fraction: float = 0.7) -> Iterator[Case]:

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from inference.convention import LEFT_RIGHT_AXIS
 from inference.report_schema import NORMAL_SENTENCES, Findings, mirrored, parse, render
+from inference.synthetic import EDEMA_PROBABILITY, case_plans, synthesize_case
 
 if TYPE_CHECKING:  # the model module imports torch and transformers: loaded where it is used
     from inference.modeling_brain3d import Brain3D
@@ -161,12 +162,11 @@ def synthetic_data(
     val_fraction: float = 0.1,
     workers: int = 1,
     lesional_fraction: float = 0.7,
+    edema_probability: float = EDEMA_PROBABILITY,
 ) -> TrainingData:
     """Synthesise and prepare ``cases`` cases in memory (through :func:`prepare`, like any file),
     in ``workers`` processes; the data do not depend on how many."""
-    from inference.synthetic import case_plans
-
-    plans = [(*plan, tuple(grid)) for plan in case_plans(cases, seed, lesional_fraction)]
+    plans = [(*plan, tuple(grid)) for plan in case_plans(cases, seed, lesional_fraction, edema_probability)]
     with contextlib.ExitStack() as stack:
         if workers > 1:  # spawned, not forked: torch's thread pools do not survive a fork
             pool = stack.enter_context(
@@ -184,16 +184,15 @@ def synthetic_data(
 
 
 def _synthetic_case(
-    plan: tuple[str, bool, tuple[int, int], tuple[int, int, int]],
+    plan: tuple[str, bool, tuple[int, int], float, tuple[int, int, int]],
 ) -> tuple[torch.Tensor, Findings, str]:
     """One synthetic case prepared for the model: the unit of work of :func:`synthetic_data`."""
     import nibabel as nib
 
     from inference.preprocessing import prepare
-    from inference.synthetic import synthesize_case
 
-    case_id, lesional, case_seed, grid = plan
-    case = synthesize_case(case_id, lesional, case_seed)
+    *arguments, grid = plan
+    case = synthesize_case(*arguments)
     return prepare(nib.Nifti1Image(case.volume, case.affine), grid), case.findings, case.report
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from inference.dataset import entry_findings, load_volume, read_manifest
 from inference.preprocessing import foreground_mask, prepare
 from inference.report_schema import NORMAL, Side, parse
-from inference.synthetic import generate_cases, lesional_flags, synthesize_case
+from inference.synthetic import EDEMA, generate_cases, lesional_flags, synthesize_case
 from worker.cli import app
 
 GRID = (16, 32, 32)
@@ -25,6 +25,18 @@ def test_a_case_depends_only_on_its_seed() -> None:
     assert first.findings == again.findings and first.report == again.report
     other = synthesize_case("c", True, (5, 4))
     assert other.volume.shape != first.volume.shape or not np.array_equal(other.volume, first.volume)
+
+
+def test_edema_probability_changes_only_whether_the_lesion_has_edema() -> None:
+    """Training sets may draw more lesions without edema than the test sets; the lesion is
+    otherwise the same one, so such a set shifts one finding, not the whole distribution."""
+    with_edema = synthesize_case("a", True, (5, 3), edema_probability=1.0)
+    without = synthesize_case("a", True, (5, 3), edema_probability=0.0)
+    assert with_edema.findings.edema and not without.findings.edema
+    for finding in ("side", "lobes", "size", "necrosis", "enhancement"):
+        assert getattr(with_edema.findings, finding) == getattr(without.findings, finding)
+    assert (with_edema.lesion_mask == EDEMA).any() and not (without.lesion_mask == EDEMA).any()
+    assert ((without.lesion_mask > 0) <= (with_edema.lesion_mask > 0)).mean() > 0.99
 
 
 def test_seventy_percent_lesional_and_controls_without_lesion() -> None:

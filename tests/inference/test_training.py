@@ -300,3 +300,14 @@ def test_train_refuses_a_cached_data_file_from_another_source(tmp_path: Path, ti
     result = CliRunner().invoke(app, [*arguments, "--cases", "12", "--seed", "5", "--threads", "1"])
     assert result.exit_code == 2
     assert "data.pt holds data prepared from" in result.output and "synthetic_seed': 1000008" in result.output
+    # The same cases and seed, drawn with another share of lesions without edema, are other data.
+    cached.source = {
+        "synthetic_cases": 12,
+        "synthetic_seed": 1_000_008,
+        "synthetic_edema_probability": 0.85,
+        "grid": [8, 24, 24],
+    }
+    cached.save(tmp_path / "data.pt")
+    options = ["--cases", "12", "--seed", "5", "--threads", "1", "--edema-probability", "0.5"]
+    result = CliRunner().invoke(app, [*arguments, *options])
+    assert result.exit_code == 2 and "synthetic_edema_probability': 0.5" in result.output
