@@ -64,6 +64,23 @@ def train(
             "(inference.synthetic.EDEMA_PROBABILITY). Lower shows the model more lesions without edema",
         ),
     ] = None,
+    lesion_loss_weight: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="weight of the lesion-grounding loss (the encoder's tokens predict the lesion mask; "
+            "needs masks: synthetic data, or a manifest whose patients have segmentations); 0: off",
+        ),
+    ] = 0.0,
+    encoder_in_lm_stages: Annotated[
+        bool,
+        typer.Option(
+            help="presets without pretrained vision weights (tiny, demo) also train the encoder in the "
+            "projector and lora stages; --no-encoder-in-lm-stages trains it in stage 1 only, as the "
+            "paper's stage table does: each LM step costs about 40 % less, laterality was worse "
+            "(docs/results.md)"
+        ),
+    ] = True,
     seed: Annotated[int, typer.Option()] = 0,
     init: Annotated[Path | None, typer.Option(help="start from this checkpoint")] = None,
     minutes_scale: Annotated[float, typer.Option(help="multiply every stage's time budget")] = 1.0,
@@ -140,7 +157,18 @@ def train(
         if accumulation:
             changes["accumulation"] = accumulation
         schedule[name] = dataclasses.replace(settings, **changes)
-    training.train_pipeline(preset, stages, data, out, seed=seed, init=init, schedule=schedule, device=device)
+    training.train_pipeline(
+        preset,
+        stages,
+        data,
+        out,
+        seed=seed,
+        init=init,
+        schedule=schedule,
+        vision_in_lm=encoder_in_lm_stages,
+        device=device,
+        lesion_loss_weight=lesion_loss_weight,
+    )
     typer.echo(f"final checkpoint: {out / 'final'}")
 
 

@@ -4,7 +4,8 @@ A manifest line: ``id``, ``path`` (a NIfTI file or a DICOM series folder, relati
 manifest's folder), ``format`` (``nifti`` or ``dicom``), ``report``, ``findings``
 (:func:`inference.report_schema.findings_to_dict`), ``split`` (train / val / test),
 ``subject``, ``source`` and optionally ``seg``. Patients and controls, synthetic and real,
-are loaded by :func:`load_volume` alone: there is no second path a model could learn from.
+are loaded by :func:`load_volume` alone (:func:`load_volume_and_lesion_mask` adds the mask to
+the same tensor): there is no second path a model could learn from.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from inference.preprocessing import HasInputGrid, prepare
+from inference.preprocessing import HasInputGrid, prepare, prepare_with_mask, require_orientation
 from inference.report_schema import Findings, findings_from_dict
 
 #: What every manifest entry must hold (``brain3d synth`` and ``brain3d data import`` write them).
@@ -78,6 +79,29 @@ def load_image(entry: dict) -> nib.spatialimages.SpatialImage:
 def load_volume(entry: dict, grid: Sequence[int] | HasInputGrid) -> torch.Tensor:
     """The model input ``(1, D, H, W)`` of a manifest entry, whatever its source."""
     return prepare(load_image(entry), grid)
+
+
+def load_volume_and_lesion_mask(
+    entry: dict, grid: Sequence[int] | HasInputGrid
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`load_volume`'s tensor and the entry's lesion mask on the same cells (see
+    :func:`inference.preprocessing.prepare_with_mask`): any label above 0 of its ``seg``, resampled
+    onto the volume's voxels where the two grids differ; empty for a control; ``None`` for a
+    patient without a segmentation."""
+    image = load_image(entry)
+    if "seg" in entry:
+        segmentation = nib.squeeze_image(nib.load(_resolve(entry, "seg")))
+        require_orientation(segmentation)  # a guessed frame could put the lesion on the other side
+        if segmentation.shape != image.shape[:3] or not np.allclose(
+            segmentation.affine, image.affine, atol=1e-3
+        ):
+            from nibabel.processing import resample_from_to
+
+            segmentation = resample_from_to(segmentation, (image.shape[:3], image.affine), order=0)
+        return prepare_with_mask(image, np.asarray(segmentation.dataobj) > 0, grid)
+    if not entry_findings(entry).abnormal:
+        return prepare_with_mask(image, np.zeros(image.shape[:3], dtype=bool), grid)
+    return prepare(image, grid), None
 
 
 def assign_splits(

@@ -80,7 +80,7 @@ def foreground_mask(volume: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
-def _require_orientation(image: nib.spatialimages.SpatialImage) -> None:
+def require_orientation(image: nib.spatialimages.SpatialImage) -> None:
     """A NIfTI whose qform and sform codes are both 0 states no orientation: nibabel falls back
     to a diagonal affine whose left-right sense is a guess, so such a file is refused."""
     if isinstance(image, nib.Nifti1Image | nib.Nifti2Image) and (
@@ -102,8 +102,30 @@ def _sample_positions(low: int, high: int, size: int) -> tuple[np.ndarray, float
 
 def prepare(image: nib.spatialimages.SpatialImage, grid: Sequence[int] | HasInputGrid) -> torch.Tensor:
     """The model's input tensor ``(1, D, H, W)`` for one FLAIR volume (float32, values in [0, 1])."""
+    return _prepare(image, grid)[0]
+
+
+def prepare_with_mask(
+    image: nib.spatialimages.SpatialImage, mask: np.ndarray, grid: Sequence[int] | HasInputGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prepare`'s tensor, and ``mask`` (a boolean array on ``image``'s voxels, e.g. a
+    lesion segmentation) carried onto the same grid cells: ``(1, D, H, W)`` booleans, true
+    where a cell's centre lies inside the mask."""
+    if mask.shape != image.shape[:3]:
+        raise ValueError(f"mask shape {mask.shape} differs from the image's {image.shape[:3]}")
+    prepared, coordinates = _prepare(image, grid)
+    # Reoriented exactly as the image was (the same affine), then sampled at the same cell centres.
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(mask.astype(np.uint8), image.affine))
+    cells = ndimage.map_coordinates(np.asarray(canonical.dataobj), coordinates, order=0, cval=0) > 0
+    return prepared, torch.from_numpy(ras_array_to_dhw(cells)).unsqueeze(0)
+
+
+def _prepare(
+    image: nib.spatialimages.SpatialImage, grid: Sequence[int] | HasInputGrid
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The input tensor, and the canonical image's voxel coordinates of its cell centres ``(3, W, H, D)``."""
     depth, height, width = _grid_of(grid)
-    _require_orientation(image)
+    require_orientation(image)
     canonical = nib.as_closest_canonical(image)
     volume = np.asarray(canonical.dataobj, dtype=np.float32)
     if volume.ndim == 4 and volume.shape[3] == 1:
@@ -128,4 +150,5 @@ def prepare(image: nib.spatialimages.SpatialImage, grid: Sequence[int] | HasInpu
     inside = ndimage.map_coordinates(mask.astype(np.float32), coordinates, order=1, mode="constant") > 0.5
 
     normalised = np.clip(MEDIAN_LEVEL * (resampled - low_value) / scale, 0.0, 1.0) * inside
-    return torch.from_numpy(ras_array_to_dhw(normalised.astype(np.float32))).unsqueeze(0)
+    prepared = torch.from_numpy(ras_array_to_dhw(normalised.astype(np.float32))).unsqueeze(0)
+    return prepared, coordinates

@@ -19,7 +19,10 @@ Reports are re-rendered from their findings with fresh wording at every step for
 so the decoder learns findings rather than one phrasing.
 
 Presets without pretrained vision weights (``tiny``, ``demo``) also train the encoder in the
-language-modelling stages (``vision_in_lm_stages``): there is no pretrained feature to keep.
+language-modelling stages (``vision_in_lm``): there is no pretrained feature to keep, and
+frozen after stage 1 it lateralised worse (``docs/results.md``).
+Where the data hold lesion masks (synthetic cases, BraTS segmentations), ``lesion_loss_weight``
+adds :class:`LesionGrounding` to every stage that trains the encoder.
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ class TrainingData:
     #: What the data were prepared from (synthetic cases and seed, or a manifest) and on which grid:
     #: a cached copy is only reused for the same source.
     source: dict[str, Any] = field(default_factory=dict)
+    #: Where each volume's lesion is, ``(N, 1, D, H, W)`` booleans on the input grid (empty for a
+    #: control), for the lesion-grounding loss; ``None`` unless every patient has a segmentation.
+    lesion_masks: torch.Tensor | None = None
 
     def batch(
         self, batch: list[int], rng: random.Random, device: torch.device, mirror: bool = False
@@ -103,17 +109,28 @@ class TrainingData:
         flipped, the report re-rendered with the side swapped. A study and its twin differ only
         in side, so the contrastive loss has to tell them apart and the decoder sees the side as
         the one thing that changes."""
+        volumes = self._batch_rows(self.volumes, batch, mirror).to(device)
         if not (mirror and self.rerender):
-            reports = [self.report_for(i, rng) for i in batch]
-            return self.volumes[batch].to(device), reports, [self.findings[i] for i in batch]
-        originals, findings = self.twins(batch)
-        volumes = self.volumes[originals].to(device)
-        volumes = torch.cat([volumes, volumes.flip(LEFT_RIGHT_AXIS)])
+            return volumes, [self.report_for(i, rng) for i in batch], [self.findings[i] for i in batch]
+        _, findings = self.twins(batch)
         return volumes, [render(f, rng) for f in findings], findings
+
+    def lesion_masks_of(self, batch: list[int], device: torch.device, mirror: bool = False) -> torch.Tensor:
+        """The lesion masks of exactly the volumes :meth:`batch` gives for the same arguments."""
+        if self.lesion_masks is None:
+            raise ValueError("these training data hold no lesion masks")
+        return self._batch_rows(self.lesion_masks, batch, mirror).to(device)
+
+    def _batch_rows(self, tensor: torch.Tensor, batch: list[int], mirror: bool) -> torch.Tensor:
+        """Rows of ``tensor`` for ``batch``; with ``mirror``, its first half and their mirror images."""
+        if not (mirror and self.rerender):
+            return tensor[batch]
+        rows = tensor[_first_half(batch)]
+        return torch.cat([rows, rows.flip(LEFT_RIGHT_AXIS)])
 
     def twins(self, batch: list[int]) -> tuple[list[int], list[Findings]]:
         """The first half of ``batch``, and the findings of it followed by those of its mirrors."""
-        originals = batch[: max(len(batch) // 2, 1)]
+        originals = _first_half(batch)
         findings = [self.findings[i] for i in originals]
         return originals, findings + [mirrored(f) for f in findings]
 
@@ -136,6 +153,7 @@ class TrainingData:
                 "splits": self.splits,
                 "rerender": self.rerender,
                 "source": self.source,
+                "lesion_masks": self.lesion_masks,
             },
             path,
         )
@@ -152,7 +170,13 @@ class TrainingData:
             stored["splits"],
             stored["rerender"],
             stored.get("source", {}),
+            stored.get("lesion_masks"),
         )
+
+
+def _first_half(batch: list[int]) -> list[int]:
+    """The studies of a mirrored batch that come with their twins (at least one)."""
+    return batch[: max(len(batch) // 2, 1)]
 
 
 def synthetic_data(
@@ -164,8 +188,9 @@ def synthetic_data(
     lesional_fraction: float = 0.7,
     edema_probability: float = EDEMA_PROBABILITY,
 ) -> TrainingData:
-    """Synthesise and prepare ``cases`` cases in memory (through :func:`prepare`, like any file),
-    in ``workers`` processes; the data do not depend on how many."""
+    """Synthesise and prepare ``cases`` cases and their lesion masks in memory (through
+    :func:`~inference.preprocessing.prepare_with_mask`, whose volume is :func:`prepare`'s, like any
+    file's), in ``workers`` processes; the data do not depend on how many."""
     plans = [(*plan, tuple(grid)) for plan in case_plans(cases, seed, lesional_fraction, edema_probability)]
     with contextlib.ExitStack() as stack:
         if workers > 1:  # spawned, not forked: torch's thread pools do not survive a fork
@@ -175,39 +200,59 @@ def synthetic_data(
             prepared = pool.map(_synthetic_case, plans, chunksize=4)
         else:
             prepared = map(_synthetic_case, plans)
-        volumes, findings, reports = zip(
+        volumes, masks, findings, reports = zip(
             *tqdm(prepared, total=cases, desc="synthesise", leave=False), strict=True
         )
     cut = round(cases * (1 - val_fraction))
     splits = ["train" if index < cut else "val" for index in range(cases)]
-    return TrainingData(torch.stack(volumes), list(findings), list(reports), splits)
+    return TrainingData(
+        torch.stack(volumes), list(findings), list(reports), splits, lesion_masks=torch.stack(masks)
+    )
 
 
 def _synthetic_case(
     plan: tuple[str, bool, tuple[int, int], float, tuple[int, int, int]],
-) -> tuple[torch.Tensor, Findings, str]:
-    """One synthetic case prepared for the model: the unit of work of :func:`synthetic_data`."""
+) -> tuple[torch.Tensor, torch.Tensor, Findings, str]:
+    """One synthetic case prepared for the model, with its lesion mask on the same grid: the unit
+    of work of :func:`synthetic_data`."""
     import nibabel as nib
 
-    from inference.preprocessing import prepare
+    from inference.preprocessing import prepare_with_mask
 
     *arguments, grid = plan
     case = synthesize_case(*arguments)
-    return prepare(nib.Nifti1Image(case.volume, case.affine), grid), case.findings, case.report
+    image = nib.Nifti1Image(case.volume, case.affine)
+    volume, mask = prepare_with_mask(image, case.lesion_mask > 0, grid)
+    return volume, mask, case.findings, case.report
 
 
 def manifest_data(manifest: Path, grid: Sequence[int]) -> TrainingData:
-    """Train and validation entries of a manifest, loaded through :func:`inference.dataset.load_volume`."""
-    from inference.dataset import entry_findings, load_volume, read_manifest
+    """Train and validation entries of a manifest, loaded through
+    :func:`inference.dataset.load_volume_and_lesion_mask`; lesion masks are kept when every
+    patient has a segmentation."""
+    from inference.dataset import entry_findings, load_volume_and_lesion_mask, read_manifest
 
     entries = [e for e in read_manifest(manifest) if e.get("split") in ("train", "val")]
-    volumes = [load_volume(e, grid) for e in tqdm(entries, desc="prepare", leave=False)]
+    if not entries:
+        raise ValueError(f"{manifest} holds no train or val entries")
+    volumes, masks = zip(
+        *(load_volume_and_lesion_mask(e, grid) for e in tqdm(entries, desc="prepare", leave=False)),
+        strict=True,
+    )
+    unmasked = [e["id"] for e, m in zip(entries, masks, strict=True) if m is None]
+    if unmasked:
+        logger.warning(
+            "%d patient(s) have no segmentation (`seg`), so no lesion-grounding loss: %s",
+            len(unmasked),
+            ", ".join(unmasked[:10]) + (" ..." if len(unmasked) > 10 else ""),
+        )
     return TrainingData(
         torch.stack(volumes),
         [entry_findings(e) for e in entries],
         [e["report"] for e in entries],
         [e["split"] for e in entries],
         rerender=all(e.get("source") == "synthetic" for e in entries),
+        lesion_masks=None if unmasked else torch.stack(masks),
     )
 
 
@@ -233,6 +278,7 @@ class StageResult:
     best_validation: float
     log: list[dict] = field(default_factory=list)
     trainable: dict[str, int] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def _seed_everything(seed: int) -> None:
@@ -281,8 +327,11 @@ def run_loop(
     seed: int,
     modules: Sequence[torch.nn.Module],
     trainable: dict[str, int] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> StageResult:
-    """Generic loop: time- or step-bounded, validated, best-kept, resumable."""
+    """Generic loop: time- or step-bounded, validated, best-kept, resumable. ``options`` are the
+    stage's settings beyond its budget (e.g. the lesion-grounding weight) that a resumed stage must
+    share; they are logged with the stage."""
     stage_dir = out_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     if (stage_dir / "done.json").exists():
@@ -305,7 +354,15 @@ def run_loop(
         progress = min(max(step / max(total_steps, 1), elapsed / budget), 1.0)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    state = {"step": 0, "elapsed": 0.0, "best": math.inf, "log": [], "max_steps": settings.max_steps}
+    options = options or {}
+    state = {
+        "step": 0,
+        "elapsed": 0.0,
+        "best": math.inf,
+        "log": [],
+        "max_steps": settings.max_steps,
+        "options": options,
+    }
     last = stage_dir / "last.pt"
     _seed_everything(seed)
     saved = torch.load(last, weights_only=False) if last.exists() else None
@@ -315,6 +372,11 @@ def run_loop(
             raise ValueError(
                 f"stage {stage} was started with a step budget of {state.get('max_steps')}, not "
                 f"{settings.max_steps}: resume it with the same --steps, or remove {last} to restart it"
+            )
+        if state.get("options", {}) != options:
+            raise ValueError(
+                f"stage {stage} was started with {state.get('options', {})}, not {options}: resume it "
+                f"with the same options, or remove {last} to restart it"
             )
     started = time.perf_counter() - state["elapsed"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
@@ -393,7 +455,7 @@ def run_loop(
     evaluate()
     progress.close()
     seconds = time.perf_counter() - started
-    result = StageResult(stage, state["step"], seconds, state["best"], state["log"], trainable or {})
+    result = StageResult(stage, state["step"], seconds, state["best"], state["log"], trainable or {}, options)
     (stage_dir / "log.json").write_text(json.dumps(asdict(result), indent=1))
     _plot_losses(
         state["log"], stage_dir / "loss.png", f"{stage}: {state['step']} steps, {seconds / 60:.1f} min"
@@ -642,6 +704,61 @@ def _findings_retrieval_accuracy(
     return correct / max(total, 1)
 
 
+class LesionGrounding(torch.nn.Module):
+    """An auxiliary loss that tells the encoder where the lesion is: a linear head on every token of
+    the encoder's 3D grid predicts the share of its tubelet inside the lesion mask (binary
+    cross-entropy, lesion and background tokens averaged separately so a small lesion weighs
+    as much as the background). Each stage that trains the encoder starts a fresh head, and the
+    model does not keep it: what stays is an encoder whose tokens say where the lesion is.
+
+    Why: a report says in one sentence what a mask shows voxel by voxel. A lesion without edema is
+    faint in FLAIR and a few hundred voxels, and its report differs from a control's by that one
+    sentence, which the report losses alone did not teach the demo encoder to see. Nor did this loss,
+    at weight 1 or as the only objective (``docs/results.md``): the demo encoder on its 32x64x64 grid
+    is the limit there. It is meant for a larger encoder or a finer grid, and BraTS provides the masks
+    too (its segmentation labels)."""
+
+    def __init__(self, model: Brain3D, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.token_grid = tuple(model.config.token_grid)
+        self.head = torch.nn.Linear(model.config.vision_config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.constant_(self.head.bias, -4.0)  # predicts a 1.8 % share everywhere at the start
+        self._tokens: torch.Tensor | None = None
+        self._hook = model.vision.register_forward_hook(self._keep_tokens)
+
+    def _keep_tokens(self, module: torch.nn.Module, inputs: Any, tokens: torch.Tensor) -> None:
+        self._tokens = tokens
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        """The weighted loss for the tokens of the encoder's last forward pass; ``masks`` are the
+        lesion masks of its volumes, ``(B, 1, D, H, W)``."""
+        if self._tokens is None:
+            raise RuntimeError("the encoder has not run since the last lesion-grounding loss")
+        tokens, self._tokens = self._tokens, None
+        targets = F.adaptive_avg_pool3d(masks.float(), self.token_grid).flatten(1)  # (B, tokens)
+        logits = self.head(tokens.float()).squeeze(-1)
+        losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        lesion = targets > 0
+        loss = losses[~lesion].mean()
+        if lesion.any():
+            loss = loss + losses[lesion].mean()
+        return self.weight * loss
+
+
+def _require_lesion_masks(data: TrainingData) -> None:
+    if data.lesion_masks is None:
+        raise ValueError(
+            "the lesion-grounding loss needs a lesion mask for every case, and these training data hold "
+            "none: synthetic data cached before masks were kept (remove the run's data.pt), or a "
+            "manifest with a patient that has no `seg` (the log names them)"
+        )
+
+
 def train_model_stage(
     model: Brain3D,
     stage: str,
@@ -651,10 +768,12 @@ def train_model_stage(
     seed: int,
     vision_in_lm: bool,
     text_tower: ReportTextTower | None = None,
+    lesion_loss_weight: float = 0.0,
 ) -> StageResult:
     """Stage 1 (``contrastive``), 2a (``projector``) or 2b (``lora``).
 
-    Stage 1 embeds reports with ``text_tower`` where there is one, else with the frozen decoder."""
+    Stage 1 embeds reports with ``text_tower`` where there is one, else with the frozen decoder.
+    With ``lesion_loss_weight``, a stage that trains the encoder adds :class:`LesionGrounding`."""
     if stage == "contrastive" and settings.micro_batch < 2:
         raise ValueError(
             "the contrastive stage needs a micro-batch of at least 2: the other studies of a batch "
@@ -669,47 +788,76 @@ def train_model_stage(
         counts["vision_in_lm_stage"] = sum(
             p.numel() for g, m in model.parameter_groups().items() if g in VISION_GROUPS for _, p in m
         )
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    device = model.device
+    modules: list[torch.nn.Module] = [model]
+    grounding = None
+    if lesion_loss_weight > 0:
+        _require_lesion_masks(data)
+        if any(p.requires_grad for p in model.vision.parameters()):
+            grounding = LesionGrounding(model, lesion_loss_weight).to(device)
+            modules.append(grounding)
+            counts["lesion_grounding_head"] = sum(p.numel() for p in grounding.parameters())
+        else:
+            print(f"stage {stage}: the encoder is frozen, so no lesion-grounding loss")
+    parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
     counts["trainable"] = sum(p.numel() for p in parameters)
     print(f"stage {stage}: trains {counts}")
-    device = model.device
     embed_reports = model.report_embeddings if text_tower is None else text_tower
     if stage == "contrastive":
         source = "the decoder" if text_tower is None else "the 2D text tower"
         print(f"stage contrastive: reports embedded by {source}")
 
-    def loss_of(batch: list[int], rng: random.Random, mirror: bool = True) -> torch.Tensor:
+    def losses_of(
+        batch: list[int], rng: random.Random, mirror: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stage's loss, and the lesion-grounding loss where there is one."""
         volumes, reports, findings = data.batch(batch, rng, device, mirror=mirror)
         with _autocast(device):
             if stage == "contrastive":
-                return model.contrastive_loss(volumes, reports, embed_reports, same_findings(findings))
-            return model.language_modeling_loss(volumes, reports)
+                loss = model.contrastive_loss(volumes, reports, embed_reports, same_findings(findings))
+            else:
+                loss = model.language_modeling_loss(volumes, reports)
+        if grounding is None:
+            return loss, None
+        return loss, grounding(data.lesion_masks_of(batch, device, mirror=mirror))
+
+    def training_loss(batch: list[int], rng: random.Random) -> torch.Tensor:
+        loss, grounding_loss = losses_of(batch, rng, mirror=True)
+        return loss if grounding_loss is None else loss + grounding_loss
 
     val_batches = _validation_batches(data, max(settings.micro_batch, 2))
 
     def validate() -> dict[str, float]:
+        """The stage's own loss decides the best checkpoint; the grounding loss is only reported."""
         val_rng = random.Random(seed + 3)
-        losses = [float(loss_of(b, val_rng, mirror=False)) for b in val_batches]
-        metrics = {"val_loss": float(np.mean(losses))}
+        losses = [losses_of(b, val_rng, mirror=False) for b in val_batches]
+        metrics = {"val_loss": float(np.mean([float(loss) for loss, _ in losses]))}
+        if grounding is not None:
+            metrics["val_lesion_grounding"] = float(np.mean([float(g) for _, g in losses if g is not None]))
         if stage == "contrastive":
             metrics["retrieval_accuracy"] = _findings_retrieval_accuracy(
                 model, data, val_batches, val_rng, embed_reports
             )
         return metrics
 
-    result = run_loop(
-        stage,
-        parameters,
-        loss_of,
-        validate,
-        model.save_pretrained,
-        data.indices("train"),
-        settings,
-        out_dir,
-        seed,
-        [model],
-        counts,
-    )
+    try:
+        result = run_loop(
+            stage,
+            parameters,
+            training_loss,
+            validate,
+            model.save_pretrained,
+            data.indices("train"),
+            settings,
+            out_dir,
+            seed,
+            modules,
+            counts,
+            {"lesion_loss_weight": lesion_loss_weight} if lesion_loss_weight else None,
+        )
+    finally:
+        if grounding is not None:
+            grounding.remove()
     if stage == "contrastive":
         final = [e for e in result.log if "retrieval_accuracy" in e]
         if final:
@@ -781,6 +929,7 @@ def train_pipeline(
     vision_in_lm: bool = True,
     device: str = "cpu",
     pretrained_2d_run: Path | None = None,
+    lesion_loss_weight: float = 0.0,
 ) -> Brain3D:
     """Run ``stages`` in order, each starting from the previous one's best checkpoint.
 
@@ -796,6 +945,8 @@ def train_pipeline(
             f"the 'val' split holds {validation_cases} case(s); every stage validates on at least 2 "
             "to keep its best checkpoint (a larger manifest, or more synthetic cases)"
         )
+    if lesion_loss_weight > 0:
+        _require_lesion_masks(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = Brain3D.from_pretrained(init) if init else build_model(preset, data, seed)
     model = model.to(device)
@@ -810,7 +961,9 @@ def train_pipeline(
         elif stage == "pretrain-2d":
             result, text_tower = train_2d(model, data, settings, out_dir, seed)
         else:
-            result = train_model_stage(model, stage, data, settings, out_dir, seed, vision_in_lm, text_tower)
+            result = train_model_stage(
+                model, stage, data, settings, out_dir, seed, vision_in_lm, text_tower, lesion_loss_weight
+            )
         results.append(result)
         if stage == "pretrain-2d":
             model.save_pretrained(out_dir / stage / "inflated")

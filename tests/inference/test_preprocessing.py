@@ -9,7 +9,7 @@ import torch
 from data_fixtures import as_lps_stored, phantom_head
 
 from inference.convention import LEFT_RIGHT_AXIS
-from inference.preprocessing import foreground_mask, prepare
+from inference.preprocessing import foreground_mask, prepare, prepare_with_mask
 
 GRID = (16, 32, 32)
 
@@ -32,6 +32,26 @@ def test_patient_left_lands_at_small_w_for_ras_and_lps_storage(side_mm: float) -
         assert width_index < GRID[2] / 2 - 3
     else:
         assert width_index > GRID[2] / 2 + 3
+
+
+@pytest.mark.parametrize("side_mm", [-30.0, 30.0])
+def test_a_lesion_mask_lands_on_its_lesion_for_ras_and_lps_storage(side_mm: float) -> None:
+    """The mask comes through the same reorientation and cells as the image: the lesion's cells
+    are the bright ones, on the patient's side, whichever way the file is stored."""
+    volume, affine = phantom_head(blob_offset_mm=(side_mm, 10.0, 15.0))
+    lesion = volume > 1200  # the blob (1400) above scalp (800) and noise (sigma 10)
+    ras, ras_mask = prepare_with_mask(nib.Nifti1Image(volume, affine), lesion, GRID)
+    lps, lps_mask = prepare_with_mask(as_lps_stored(volume, affine), lesion[::-1, ::-1, :].copy(), GRID)
+    torch.testing.assert_close(ras, prepare(nib.Nifti1Image(volume, affine), GRID))
+    torch.testing.assert_close(ras, lps)
+    assert ras_mask.dtype == torch.bool and ras_mask.shape == ras.shape
+    assert torch.equal(ras_mask, lps_mask)
+    assert ras_mask.sum() > 20
+    assert ras[ras_mask].mean() > 0.7 and ras[~ras_mask].mean() < 0.5  # brain 0.4, scalp 0.53
+    width_index = ras_mask[0].nonzero()[:, 2].float().mean().item()
+    assert (width_index < GRID[2] / 2 - 3) if side_mm < 0 else (width_index > GRID[2] / 2 + 3)
+    with pytest.raises(ValueError, match="mask shape"):
+        prepare_with_mask(nib.Nifti1Image(volume, affine), lesion[1:], GRID)
 
 
 def test_mirrored_patient_gives_mirrored_tensor() -> None:

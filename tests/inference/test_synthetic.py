@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from inference.dataset import entry_findings, load_volume, read_manifest
+from inference.dataset import entry_findings, load_volume, load_volume_and_lesion_mask, read_manifest
 from inference.preprocessing import foreground_mask, prepare
 from inference.report_schema import NORMAL, Side, parse
 from inference.synthetic import EDEMA, generate_cases, lesional_flags, synthesize_case
@@ -118,3 +118,12 @@ def test_synth_command_writes_nifti_and_dicom_that_load_alike(tmp_path: Path) ->
         correlation = torch.corrcoef(torch.stack([from_nifti.flatten(), from_dicom.flatten()]))[0, 1]
         mirrored = torch.corrcoef(torch.stack([from_nifti.flatten(), from_dicom.flip(-1).flatten()]))[0, 1]
         assert correlation > 0.75 and correlation > mirrored, b.get("orientation")
+        # The segmentation follows its volume, whichever plane and order the series was written in.
+        (volume, nifti_mask), (_, dicom_mask) = (load_volume_and_lesion_mask(e, GRID) for e in (a, b))
+        assert torch.equal(volume, from_nifti)
+        if not entry_findings(a).abnormal:
+            assert not nifti_mask.any() and not dicom_mask.any()
+            continue
+        overlap = (nifti_mask & dicom_mask).sum() / (nifti_mask | dicom_mask).sum()
+        mirrored_overlap = (nifti_mask & dicom_mask.flip(-1)).sum() / (nifti_mask | dicom_mask.flip(-1)).sum()
+        assert overlap > 0.5 and overlap > mirrored_overlap, b.get("orientation")

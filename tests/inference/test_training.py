@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +132,7 @@ class _ToyStage:
         batch_loss: Callable[[list[int], random.Random], torch.Tensor],
         settings: training.StageSettings,
         out_dir: Path,
+        options: dict | None = None,
     ) -> training.StageResult:
         return training.run_loop(
             "toy",
@@ -143,6 +145,7 @@ class _ToyStage:
             out_dir,
             seed=0,
             modules=[self.module],
+            options=options,
         )
 
 
@@ -200,7 +203,7 @@ def test_a_stage_ended_by_its_time_budget_has_annealed_its_learning_rate(tmp_pat
 def test_a_step_budget_replaces_the_time_budget_and_anneals_over_its_steps(tmp_path: Path) -> None:
     """With ``max_steps`` a stage runs exactly that many steps however slow the machine (here: a
     budget of a fraction of a second, and one epoch of 8 steps, that would otherwise stop it early),
-    decaying to the floor; resuming it under another budget is refused."""
+    decaying to the floor; resuming it under another budget, or other options, is refused."""
     toy = _ToyStage()
 
     def slow_loss(batch: list[int], rng: random.Random) -> torch.Tensor:
@@ -227,6 +230,8 @@ def test_a_step_budget_replaces_the_time_budget_and_anneals_over_its_steps(tmp_p
     for other in (dataclasses.replace(settings, max_steps=90), dataclasses.replace(settings, max_steps=None)):
         with pytest.raises(ValueError, match="resume it with the same --steps"):
             toy.run(crash_at_25, other, tmp_path / "resumed")
+    with pytest.raises(ValueError, match="resume it with the same options"):
+        toy.run(crash_at_25, settings, tmp_path / "resumed", options={"lesion_loss_weight": 1.0})
     assert toy.run(slow_loss, settings, tmp_path / "resumed").steps == 60
 
 
@@ -248,6 +253,7 @@ def test_synthetic_data_do_not_depend_on_the_number_of_processes(tiny_data) -> N
     grid = Brain3DConfig.from_preset("tiny").input_grid
     parallel = training.synthetic_data(12, seed=77, grid=grid, val_fraction=0.34, workers=2)
     assert torch.equal(parallel.volumes, tiny_data.volumes)
+    assert torch.equal(parallel.lesion_masks, tiny_data.lesion_masks)
     assert (parallel.findings, parallel.reports, parallel.splits) == (
         tiny_data.findings,
         tiny_data.reports,
@@ -276,6 +282,128 @@ def test_mirror_augmentation_pairs_each_study_with_its_twin(tiny_data) -> None:
         assert twin_findings.lobes == findings.lobes == tiny_data.findings[index].lobes
     plain, _, _ = tiny_data.batch(sided, random.Random(0), torch.device("cpu"), mirror=False)
     assert torch.equal(plain, tiny_data.volumes[sided])
+    # The lesion masks come in the same order and are mirrored with their volumes.
+    masks = tiny_data.lesion_masks_of(sided, torch.device("cpu"), mirror=True)
+    assert torch.equal(masks[: len(originals)], tiny_data.lesion_masks[originals])
+    assert torch.equal(masks[len(originals) :], tiny_data.lesion_masks[originals].flip(-1))
+    assert torch.equal(tiny_data.lesion_masks_of(sided, torch.device("cpu")), tiny_data.lesion_masks[sided])
+
+
+def test_synthetic_data_keep_each_lesion_mask_on_its_lesion(tmp_path: Path, tiny_data) -> None:
+    """A lesion's mask covers bright cells on its reported side; a control's is empty; the masks
+    survive the data cache."""
+    from inference.report_schema import Side
+
+    assert tiny_data.lesion_masks is not None
+    assert (
+        tiny_data.lesion_masks.shape == tiny_data.volumes.shape and tiny_data.lesion_masks.dtype == torch.bool
+    )
+    width = tiny_data.volumes.shape[-1]
+    for volume, mask, findings in zip(
+        tiny_data.volumes, tiny_data.lesion_masks, tiny_data.findings, strict=True
+    ):
+        if not findings.abnormal:
+            assert not mask.any()
+            continue
+        assert mask.any() and volume[mask].mean() > volume[volume > 0].median()
+        side = mask[0].nonzero()[:, 2].float().mean().item()
+        if findings.side is Side.LEFT:  # W runs from the patient's left to the right
+            assert side < width / 2
+        elif findings.side is Side.RIGHT:
+            assert side > width / 2
+    tiny_data.save(tmp_path / "data.pt")
+    assert torch.equal(training.TrainingData.load(tmp_path / "data.pt").lesion_masks, tiny_data.lesion_masks)
+
+
+def test_manifest_data_keep_lesion_masks_only_when_every_patient_has_one(tmp_path: Path) -> None:
+    """Patients' masks come from their ``seg``, a control needs none; one patient without a
+    segmentation leaves the data without masks; a segmentation stating no orientation is refused."""
+    import nibabel as nib
+
+    from inference.dataset import read_manifest, write_manifest
+    from inference.synthetic import write_dataset
+
+    manifest = write_dataset(tmp_path, cases=5, seed=21)
+    grid = Brain3DConfig.from_preset("tiny").input_grid
+    entries = read_manifest(manifest)
+    training_entries = [e for e in entries if e["split"] in ("train", "val")]
+    control = next(e for e in training_entries if not e["findings"]["abnormal"])
+    del control["seg"]
+    write_manifest(manifest, entries)
+    data = training.manifest_data(manifest, grid)
+    assert data.lesion_masks is not None and data.lesion_masks.shape == data.volumes.shape
+    for mask, findings in zip(data.lesion_masks, data.findings, strict=True):
+        assert bool(mask.any()) == findings.abnormal
+    patient = next(e for e in training_entries if e["findings"]["abnormal"])
+    segmentation = nib.load(tmp_path / patient["seg"])
+    unoriented = nib.Nifti1Image(np.asarray(segmentation.dataobj), None)
+    unoriented.set_qform(None, code=0)
+    unoriented.set_sform(None, code=0)
+    nib.save(unoriented, tmp_path / "unoriented.nii.gz")
+    patient["seg"] = "unoriented.nii.gz"
+    write_manifest(manifest, entries)
+    with pytest.raises(ValueError, match="states no orientation"):
+        training.manifest_data(manifest, grid)
+    del patient["seg"]
+    write_manifest(manifest, entries)
+    assert training.manifest_data(manifest, grid).lesion_masks is None
+
+
+def test_lesion_grounding_teaches_the_encoder_where_the_lesion_is(tmp_path: Path, tiny_data) -> None:
+    """The grounding loss reaches the encoder and falls as it learns; the head stays out of the saved
+    model; data without masks are refused with a clear message."""
+    model = training.build_model("tiny", tiny_data, seed=0)
+    model.set_trainable("contrastive")
+    grounding = training.LesionGrounding(model, weight=1.0)
+    lesional = [i for i, f in enumerate(tiny_data.findings) if f.abnormal][:4]
+    volumes, masks = tiny_data.volumes[lesional], tiny_data.lesion_masks[lesional]
+    optimizer = torch.optim.Adam([*model.vision.parameters(), *grounding.parameters()], lr=3e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        model.encode_tokens(volumes)
+        grounding(masks).backward()
+        optimizer.step()
+    assert float(model.vision.embeddings.patch.weight.grad.abs().sum()) > 0  # it reaches the encoder
+    with torch.no_grad():  # the head now scores the lesion's tokens above the rest, not just lower overall
+        scores = grounding.head(model.encode_tokens(volumes)).squeeze(-1)
+    in_lesion = torch.nn.functional.adaptive_avg_pool3d(masks.float(), grounding.token_grid).flatten(1) > 0
+    assert float(scores[in_lesion].mean() - scores[~in_lesion].mean()) > 2.0
+    grounding(masks)  # each loss takes the tokens of one forward pass: a second would be stale
+    with pytest.raises(RuntimeError, match="has not run"):
+        grounding(masks)
+    grounding.remove()
+
+    # In a stage: the same start and batches with and without the loss end as different encoders;
+    # validation reports the grounding loss beside (not inside) the stage's own.
+    trained = {}
+    for weight in (0.0, 1.0):
+        trained[weight] = training.build_model("tiny", tiny_data, seed=0)
+        out = tmp_path / f"weight-{weight}"
+        training.train_model_stage(
+            trained[weight],
+            "contrastive",
+            tiny_data,
+            _quick(max_steps=3),
+            out,
+            0,
+            True,
+            lesion_loss_weight=weight,
+        )
+        log = json.loads((out / "contrastive" / "log.json").read_text())
+        validated = [entry for entry in log["log"] if "val_loss" in entry]
+        assert all(("val_lesion_grounding" in entry) == (weight > 0) for entry in validated)
+        assert log["options"] == ({"lesion_loss_weight": weight} if weight else {})
+        assert ("lesion_grounding_head" in log["trainable"]) == (weight > 0)
+        assert not trained[weight].vision._forward_hooks  # the head is gone with its stage
+    patch = {weight: model.vision.embeddings.patch.weight for weight, model in trained.items()}
+    assert not torch.allclose(patch[0.0], patch[1.0])
+
+    unmasked = dataclasses.replace(tiny_data, lesion_masks=None)
+    with pytest.raises(ValueError, match="needs a lesion mask for every case"):
+        training.train_pipeline(
+            "tiny", ["pretrain-text"], unmasked, tmp_path / "unmasked", lesion_loss_weight=1.0
+        )
+    assert not (tmp_path / "unmasked").exists()  # refused before the first stage
 
 
 def test_train_refuses_a_cached_data_file_from_another_source(tmp_path: Path, tiny_data) -> None:
@@ -311,3 +439,26 @@ def test_train_refuses_a_cached_data_file_from_another_source(tmp_path: Path, ti
     options = ["--cases", "12", "--seed", "5", "--threads", "1", "--edema-probability", "0.5"]
     result = CliRunner().invoke(app, [*arguments, *options])
     assert result.exit_code == 2 and "synthetic_edema_probability': 0.5" in result.output
+
+
+@pytest.mark.parametrize("encoder_in_lm_stages", [True, False])
+def test_the_encoder_trains_in_the_lm_stages_unless_told_not_to(
+    tmp_path: Path, encoder_in_lm_stages: bool
+) -> None:
+    """Through the command line: ``--no-encoder-in-lm-stages`` leaves the encoder as stage 1 left it."""
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    flag = "--encoder-in-lm-stages" if encoder_in_lm_stages else "--no-encoder-in-lm-stages"
+    arguments = ["train", "--out", str(tmp_path), "--preset", "tiny", "--synthetic", "--cases", "20"]
+    result = CliRunner().invoke(
+        app, [*arguments, "--stage", "projector", "--steps", "projector=3", "--threads", "1", flag]
+    )
+    assert result.exit_code == 0, result.output
+    log = json.loads((tmp_path / "projector" / "log.json").read_text())
+    assert ("vision_in_lm_stage" in log["trainable"]) == encoder_in_lm_stages
+    start = training.build_model("tiny", training.TrainingData.load(tmp_path / "data.pt"), seed=0)
+    trained = Brain3D.from_pretrained(tmp_path / "final")
+    unchanged = torch.equal(trained.vision.embeddings.patch.weight, start.vision.embeddings.patch.weight)
+    assert unchanged != encoder_in_lm_stages
