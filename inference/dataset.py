@@ -99,9 +99,10 @@ def load_volume_and_lesion_mask(
 
             segmentation = resample_from_to(segmentation, (image.shape[:3], image.affine), order=0)
         return prepare_with_mask(image, np.asarray(segmentation.dataobj) > 0, grid)
-    if not entry_findings(entry).abnormal:
-        return prepare_with_mask(image, np.zeros(image.shape[:3], dtype=bool), grid)
-    return prepare(image, grid), None
+    volume = prepare(image, grid)
+    if entry_findings(entry).abnormal:
+        return volume, None
+    return volume, torch.zeros_like(volume, dtype=torch.bool)
 
 
 def assign_splits(
