@@ -714,9 +714,9 @@ class LesionGrounding(torch.nn.Module):
     Why: a report says in one sentence what a mask shows voxel by voxel. A lesion without edema is
     faint in FLAIR and a few hundred voxels, and its report differs from a control's by that one
     sentence, which the report losses alone did not teach the demo encoder to see. Nor did this loss,
-    at weight 1 or as the only objective (``docs/results.md``): the demo encoder on its 32x64x64 grid
-    is the limit there. It is meant for a larger encoder or a finer grid, and BraTS provides the masks
-    too (its segmentation labels)."""
+    at weight 1 or as the only objective (``docs/results.md``): such lesions are about as bright as
+    cortex at any grid, and the demo encoder is the limit there. It is meant for a larger encoder,
+    and BraTS provides the masks too (its segmentation labels)."""
 
     def __init__(self, model: Brain3D, weight: float) -> None:
         super().__init__()
