@@ -72,18 +72,6 @@ def train(
             "needs masks: synthetic data, or a manifest whose patients have segmentations); 0: off",
         ),
     ] = 0.0,
-    location_word_weight: Annotated[
-        float,
-        typer.Option(
-            min=1.0,
-            help="weight of the side and lobe words in the projector and lora stages' next-token loss, "
-            "against 1 for every other report token; 1: unweighted",
-        ),
-    ] = 1.0,
-    lobe_loss_weight: Annotated[
-        float,
-        typer.Option(min=0.0, help="weight of the lobe loss on the grid-summary token; 0: off"),
-    ] = 0.0,
     encoder_in_lm_stages: Annotated[
         bool,
         typer.Option(
@@ -180,8 +168,6 @@ def train(
         vision_in_lm=encoder_in_lm_stages,
         device=device,
         lesion_loss_weight=lesion_loss_weight,
-        location_weight=location_word_weight,
-        lobe_loss_weight=lobe_loss_weight,
     )
     typer.echo(f"final checkpoint: {out / 'final'}")
 

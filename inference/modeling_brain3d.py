@@ -54,7 +54,6 @@ from transformers.generation.logits_process import (
 )
 
 from inference.configuration_brain3d import SLICES_2D, Brain3DConfig
-from inference.report_schema import LOCATION_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +259,7 @@ def build_vision_encoder(config: Brain3DConfig, siglip: SiglipVisionModel) -> nn
 
 class SpatialCompressor(nn.Module):
     """3D adaptive average pooling of the token grid, plus the hemispheric difference and a
-    learned 3D position embedding on every token, and optionally one grid-summary token after them.
+    learned 3D position embedding on every token.
 
     Each token summarises one block of the volume, so a left-sided lesion lands in left tokens;
     pooling windows are symmetric, so a mirrored grid pools to the mirrored tokens.
@@ -271,13 +270,6 @@ class SpatialCompressor(nn.Module):
     mirroring the volume negates it. Added to every token, it reaches the decoder in whatever the
     decoder attends to; where the lesion is only told by which token holds it, the demo decoder
     never learned laterality (``docs/results.md``).
-
-    The grid summary (``grid_summary_rank`` > 0) does the same for where the lesion lies along the
-    other axes, which is told by which token holds it too: a low-rank linear readout of the whole
-    pooled grid, averaged with the readout of its mirror image so that it cannot carry the side
-    (the hemispheric difference on the grid tokens alone does), appended as one more token. A
-    token of its own, because added to every token it outgrew them twelvefold and the decoder
-    lost the side (``docs/results.md``).
     """
 
     def __init__(self, config: Brain3DConfig):
@@ -286,20 +278,11 @@ class SpatialCompressor(nn.Module):
         self.output_grid = tuple(config.compressor_grid)
         if self.output_grid[2] < 2:
             raise ValueError(f"compressor_grid {list(self.output_grid)} needs at least 2 columns along W")
-        width = config.vision_config.hidden_size
-        grid_tokens = math.prod(self.output_grid)
-        self.position = nn.Parameter(torch.zeros(grid_tokens, width))
+        self.position = nn.Parameter(torch.zeros(config.num_visual_tokens, config.vision_config.hidden_size))
         # A difference of two half-grid means is about 1/20 of a token's norm; at gain 1 the demo
         # decoder did not pick it up in 750 steps, while a global signal of half a token's norm is
         # learnt within 400 (docs/results.md). Learnt from here on.
         self.difference_gain = nn.Parameter(torch.tensor(10.0))
-        self.grid_summary: nn.Sequential | None = None
-        if config.grid_summary_rank > 0:
-            self.grid_summary = nn.Sequential(
-                nn.Flatten(),
-                nn.Linear(grid_tokens * width, config.grid_summary_rank),
-                nn.Linear(config.grid_summary_rank, width),
-            )
 
     def hemispheric_difference(self, pooled: torch.Tensor) -> torch.Tensor:
         """``(B, C, d, h, w)`` pooled grid -> ``(B, C)``: left-half mean minus right-half mean."""
@@ -307,17 +290,12 @@ class SpatialCompressor(nn.Module):
         return pooled[..., :half].mean((2, 3, 4)) - pooled[..., -half:].mean((2, 3, 4))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, d * h * w, C)`` -> ``(B, prod(compressor_grid), C)`` in (d, h, w) row-major order,
-        then the grid-summary token where there is one."""
+        """``(B, d * h * w, C)`` -> ``(B, prod(compressor_grid), C)``, in (d, h, w) row-major order."""
         batch, _, channels = tokens.shape
         grid = tokens.transpose(1, 2).reshape(batch, channels, *self.token_grid)
         pooled = F.adaptive_avg_pool3d(grid, self.output_grid)
         difference = self.difference_gain * self.hemispheric_difference(pooled).unsqueeze(1)
-        compressed = pooled.flatten(2).transpose(1, 2) + difference + self.position
-        if self.grid_summary is None:
-            return compressed
-        summary = (self.grid_summary(pooled) + self.grid_summary(pooled.flip(-1))) / 2
-        return torch.cat([compressed, summary.unsqueeze(1)], dim=1)
+        return pooled.flatten(2).transpose(1, 2) + difference + self.position
 
 
 class Projector(nn.Module):
@@ -413,22 +391,6 @@ class SequenceLayout:
             for text in reports
         ]
         return _pad_right(sequences, self.tokenizer.pad_token_id, device)
-
-    def location_tokens(self, reports: list[str], device: torch.device) -> torch.Tensor:
-        """Booleans shaped as :meth:`report_targets`' ids: true on the tokens that spell a word
-        saying where a finding is (:data:`inference.report_schema.LOCATION_WORDS`)."""
-        rows = []
-        for text in reports:
-            spans = [match.span() for match in LOCATION_WORDS.finditer(text)]
-            offsets = self.tokenizer(
-                text, add_special_tokens=False, return_offsets_mapping=True
-            ).offset_mapping
-            rows.append(
-                [any(start < stop and begin < end for begin, stop in spans) for start, end in offsets]
-                + [False]
-            )
-        width = max(len(row) for row in rows)
-        return torch.tensor([row + [False] * (width - len(row)) for row in rows], device=device)
 
 
 def _pad_right(
@@ -687,14 +649,8 @@ class Brain3D(nn.Module):
             logits = logits.masked_fill(not_negative, float("-inf"))
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
-    def language_modeling_loss(
-        self, volumes: torch.Tensor, report_texts: list[str], location_weight: float = 1.0
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy over the report tokens (and their terminator) only.
-
-        ``location_weight`` > 1 weighs the tokens of words saying where a finding is (side, lobe)
-        that many times over the rest: one or two words of a report carry where the lesion is, and
-        in an unweighted mean they are drowned by the template words around them."""
+    def language_modeling_loss(self, volumes: torch.Tensor, report_texts: list[str]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the report tokens (and their terminator) only."""
         if len(report_texts) != volumes.shape[0]:
             raise ValueError(f"{volumes.shape[0]} volumes but {len(report_texts)} reports")
         embed_tokens = self.causal_lm.get_input_embeddings()
@@ -709,13 +665,7 @@ class Brain3D(nn.Module):
             inputs_embeds=inputs, attention_mask=attention, logits_to_keep=report_ids.shape[1] + 1
         ).logits[:, :-1]
         labels = report_ids.masked_fill(report_mask == 0, -100)
-        if location_weight == 1.0:
-            return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
-        losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        weights = report_mask.float() * torch.where(
-            self.layout.location_tokens(report_texts, self.device), location_weight, 1.0
-        )
-        return (losses * weights).sum() / weights.sum()
+        return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
 
     # ---- generation -----------------------------------------------------------------------------
 

@@ -36,15 +36,6 @@ class Size(StrEnum):
     LARGE = "large"
 
 
-#: The words of a report that say where a finding is: its side and its lobe, as rendered.
-LOCATION_WORDS = re.compile(
-    r"\b(?:"
-    + "|".join([*Side, *(lobe for lobe in Lobe if lobe is not Lobe.CEREBELLUM), r"cerebell\w*"])
-    + r")\b",
-    re.IGNORECASE,
-)
-
-
 @dataclass(frozen=True)
 class Findings:
     """What a report asserts. A normal study has ``abnormal=False`` and nothing else set."""

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from inference.convention import LEFT_RIGHT_AXIS
-from inference.report_schema import NORMAL_SENTENCES, Findings, Lobe, mirrored, parse, render
+from inference.report_schema import NORMAL_SENTENCES, Findings, mirrored, parse, render
 from inference.synthetic import EDEMA_PROBABILITY, case_plans, synthesize_case
 
 if TYPE_CHECKING:  # the model module imports torch and transformers: loaded where it is used
@@ -750,42 +750,6 @@ class LesionGrounding(torch.nn.Module):
         return self.weight * loss
 
 
-class LobeSupervision(torch.nn.Module):
-    """An auxiliary loss that puts the lesion's lobes into the compressor's grid-summary token: a
-    linear head on that token predicts each lobe of a lesional study (binary cross-entropy;
-    controls and their twins are left out). The model does not keep the head."""
-
-    def __init__(self, model: Brain3D, weight: float) -> None:
-        super().__init__()
-        if model.compressor.grid_summary is None:
-            raise ValueError(
-                "the lobe loss needs the compressor's grid-summary token (grid_summary_rank > 0)"
-            )
-        self.weight = weight
-        self.head = torch.nn.Linear(model.config.vision_config.hidden_size, len(Lobe))
-        self._summary: torch.Tensor | None = None
-        self._hook = model.compressor.register_forward_hook(self._keep_summary)
-
-    def _keep_summary(self, module: torch.nn.Module, inputs: Any, tokens: torch.Tensor) -> None:
-        self._summary = tokens[:, -1]
-
-    def remove(self) -> None:
-        self._hook.remove()
-
-    def forward(self, findings: Sequence[Findings]) -> torch.Tensor:
-        summary, self._summary = self._summary, None
-        if summary is None:
-            raise RuntimeError("the compressor has not run since the last lobe loss")
-        lesional = torch.tensor([f.abnormal for f in findings], device=summary.device)
-        if not lesional.any():
-            return summary.sum() * 0.0
-        targets = torch.tensor(
-            [[lobe in f.lobes for lobe in Lobe] for f in findings], dtype=torch.float32, device=summary.device
-        )
-        logits = self.head(summary.float())
-        return self.weight * F.binary_cross_entropy_with_logits(logits[lesional], targets[lesional])
-
-
 def _require_lesion_masks(data: TrainingData) -> None:
     if data.lesion_masks is None:
         raise ValueError(
@@ -805,15 +769,11 @@ def train_model_stage(
     vision_in_lm: bool,
     text_tower: ReportTextTower | None = None,
     lesion_loss_weight: float = 0.0,
-    location_weight: float = 1.0,
-    lobe_loss_weight: float = 0.0,
 ) -> StageResult:
     """Stage 1 (``contrastive``), 2a (``projector``) or 2b (``lora``).
 
     Stage 1 embeds reports with ``text_tower`` where there is one, else with the frozen decoder.
-    With ``lesion_loss_weight``, a stage that trains the encoder adds :class:`LesionGrounding`;
-    ``location_weight`` weighs side and lobe words in stages 2a and 2b (see
-    :meth:`Brain3D.language_modeling_loss`)."""
+    With ``lesion_loss_weight``, a stage that trains the encoder adds :class:`LesionGrounding`."""
     if stage == "contrastive" and settings.micro_batch < 2:
         raise ValueError(
             "the contrastive stage needs a micro-batch of at least 2: the other studies of a batch "
@@ -839,10 +799,6 @@ def train_model_stage(
             counts["lesion_grounding_head"] = sum(p.numel() for p in grounding.parameters())
         else:
             print(f"stage {stage}: the encoder is frozen, so no lesion-grounding loss")
-    lobes = None
-    if lobe_loss_weight > 0 and any(p.requires_grad for p in model.compressor.parameters()):
-        lobes = LobeSupervision(model, lobe_loss_weight).to(device)
-        modules.append(lobes)
     parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
     counts["trainable"] = sum(p.numel() for p in parameters)
     print(f"stage {stage}: trains {counts}")
@@ -860,9 +816,7 @@ def train_model_stage(
             if stage == "contrastive":
                 loss = model.contrastive_loss(volumes, reports, embed_reports, same_findings(findings))
             else:
-                loss = model.language_modeling_loss(volumes, reports, location_weight)
-        if lobes is not None:
-            loss = loss + lobes(findings)
+                loss = model.language_modeling_loss(volumes, reports)
         if grounding is None:
             return loss, None
         return loss, grounding(data.lesion_masks_of(batch, device, mirror=mirror))
@@ -899,22 +853,11 @@ def train_model_stage(
             seed,
             modules,
             counts,
-            {
-                name: value
-                for name, value, default in (
-                    ("lesion_loss_weight", lesion_loss_weight, 0.0),
-                    ("location_weight", location_weight, 1.0),
-                    ("lobe_loss_weight", lobe_loss_weight, 0.0),
-                )
-                if value != default
-            }
-            or None,
+            {"lesion_loss_weight": lesion_loss_weight} if lesion_loss_weight else None,
         )
     finally:
         if grounding is not None:
             grounding.remove()
-        if lobes is not None:
-            lobes.remove()
     if stage == "contrastive":
         final = [e for e in result.log if "retrieval_accuracy" in e]
         if final:
@@ -987,8 +930,6 @@ def train_pipeline(
     device: str = "cpu",
     pretrained_2d_run: Path | None = None,
     lesion_loss_weight: float = 0.0,
-    location_weight: float = 1.0,
-    lobe_loss_weight: float = 0.0,
 ) -> Brain3D:
     """Run ``stages`` in order, each starting from the previous one's best checkpoint.
 
@@ -1021,17 +962,7 @@ def train_pipeline(
             result, text_tower = train_2d(model, data, settings, out_dir, seed)
         else:
             result = train_model_stage(
-                model,
-                stage,
-                data,
-                settings,
-                out_dir,
-                seed,
-                vision_in_lm,
-                text_tower,
-                lesion_loss_weight,
-                location_weight,
-                lobe_loss_weight,
+                model, stage, data, settings, out_dir, seed, vision_in_lm, text_tower, lesion_loss_weight
             )
         results.append(result)
         if stage == "pretrain-2d":

@@ -136,32 +136,6 @@ def test_language_modeling_loss_counts_report_tokens_only() -> None:
     torch.testing.assert_close(both, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_location_tokens_are_the_side_and_lobe_words_only() -> None:
-    model = tiny_model()
-    report = "A lesion is seen in the Left cerebellum and right frontal lobes. There is no edema."
-    ids, _ = model.layout.report_targets([report], torch.device("cpu"))
-    flagged = model.layout.location_tokens([report], torch.device("cpu"))
-    assert flagged.shape == ids.shape
-    # Spaces aside, the flagged tokens spell the four words and nothing else.
-    spelled = model.tokenizer.decode(ids[0][flagged[0]].tolist())
-    assert "".join(spelled.split()) == "Leftcerebellumrightfrontal"
-
-
-def test_location_weight_reweighs_only_reports_that_say_where() -> None:
-    model = tiny_model()
-    volumes = random_volumes(model.config, batch=1).clamp(0, 1)
-    normal = "No focal abnormality is seen."
-    torch.testing.assert_close(
-        model.language_modeling_loss(volumes, [normal], location_weight=5.0),
-        model.language_modeling_loss(volumes, [normal]),
-    )
-    located = "A large lesion is seen in the left frontal lobe."
-    unweighted = model.language_modeling_loss(volumes, [located])
-    assert (
-        abs(float(model.language_modeling_loss(volumes, [located], location_weight=5.0) - unweighted)) > 1e-4
-    )
-
-
 def test_training_the_lora_stage_teaches_the_reports_to_generation() -> None:
     """Teacher-forced training and generation must use one layout: after overfitting two studies,
     greedy generation writes their two reports back, each for its own volume."""
