@@ -60,6 +60,9 @@ class Brain3DConfig(PretrainedConfig):
     pretrained_language_model: bool = False
     #: Token grid after compression, (D, H, W); its product is the number of visual tokens.
     compressor_grid: list[int] | None = None
+    #: Rank of the compressor's grid-summary token (a linear readout of the whole pooled grid, see
+    #: ``SpatialCompressor``); 0: no such token.
+    grid_summary_rank: int = 0
     #: Hidden width of the projector MLP; ``None`` means the language model's width.
     projector_hidden_size: int | None = None
     num_soft_prompts: int = 16
@@ -99,6 +102,8 @@ class Brain3DConfig(PretrainedConfig):
             )
         if any(c > t for c, t in zip(self.compressor_grid, self.token_grid, strict=True)):
             raise ValueError(f"compressor grid {self.compressor_grid} exceeds token grid {self.token_grid}")
+        if self.grid_summary_rank < 0:
+            raise ValueError(f"grid_summary_rank must be 0 (none) or more, got {self.grid_summary_rank}")
         # The vision tower's own attention settings are set here once so that every path
         # (presets, from_2d, from_pretrained) runs the same kernels.
         self.vision_config._attn_implementation = self.vision_config._attn_implementation or "sdpa"
@@ -113,8 +118,9 @@ class Brain3DConfig(PretrainedConfig):
 
     @property
     def num_visual_tokens(self) -> int:
+        """The compressed grid's tokens, and the grid-summary token where there is one."""
         depth, height, width = self.compressor_grid
-        return depth * height * width
+        return depth * height * width + (1 if self.grid_summary_rank else 0)
 
     @property
     def lora_target_modules(self) -> list[str]:
@@ -255,6 +261,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "input_grid": [32, 64, 64],
         "tubelet_depth": 4,
         "compressor_grid": [4, 4, 4],
+        "grid_summary_rank": 32,
         "num_soft_prompts": 16,
         "lora_rank": 8,
         "lora_alpha": 16,

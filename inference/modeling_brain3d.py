@@ -259,7 +259,7 @@ def build_vision_encoder(config: Brain3DConfig, siglip: SiglipVisionModel) -> nn
 
 class SpatialCompressor(nn.Module):
     """3D adaptive average pooling of the token grid, plus the hemispheric difference and a
-    learned 3D position embedding on every token.
+    learned 3D position embedding on every token, and optionally one grid-summary token after them.
 
     Each token summarises one block of the volume, so a left-sided lesion lands in left tokens;
     pooling windows are symmetric, so a mirrored grid pools to the mirrored tokens.
@@ -270,6 +270,14 @@ class SpatialCompressor(nn.Module):
     mirroring the volume negates it. Added to every token, it reaches the decoder in whatever the
     decoder attends to; where the lesion is only told by which token holds it, the demo decoder
     never learned laterality (``docs/results.md``).
+
+    The grid summary (``grid_summary_rank`` > 0) says where the lesion lies in one place: a
+    low-rank linear readout of the whole pooled grid, appended as one more token, which training's
+    location loss (:class:`inference.training.LocationSupervision`) teaches the lesion's side and
+    lobes. The report loss alone never put the lobe into it, and the decoder never learnt to read
+    the lobe from which grid token holds the lesion, although a linear probe finds it there. A
+    token of its own, because added to every token it outgrew them twelvefold and the decoder lost
+    the side (``docs/results.md``).
     """
 
     def __init__(self, config: Brain3DConfig):
@@ -278,11 +286,20 @@ class SpatialCompressor(nn.Module):
         self.output_grid = tuple(config.compressor_grid)
         if self.output_grid[2] < 2:
             raise ValueError(f"compressor_grid {list(self.output_grid)} needs at least 2 columns along W")
-        self.position = nn.Parameter(torch.zeros(config.num_visual_tokens, config.vision_config.hidden_size))
+        width = config.vision_config.hidden_size
+        grid_tokens = math.prod(self.output_grid)
+        self.position = nn.Parameter(torch.zeros(grid_tokens, width))
         # A difference of two half-grid means is about 1/20 of a token's norm; at gain 1 the demo
         # decoder did not pick it up in 750 steps, while a global signal of half a token's norm is
         # learnt within 400 (docs/results.md). Learnt from here on.
         self.difference_gain = nn.Parameter(torch.tensor(10.0))
+        self.grid_summary: nn.Sequential | None = None
+        if config.grid_summary_rank > 0:
+            self.grid_summary = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(grid_tokens * width, config.grid_summary_rank),
+                nn.Linear(config.grid_summary_rank, width),
+            )
 
     def hemispheric_difference(self, pooled: torch.Tensor) -> torch.Tensor:
         """``(B, C, d, h, w)`` pooled grid -> ``(B, C)``: left-half mean minus right-half mean."""
@@ -290,12 +307,17 @@ class SpatialCompressor(nn.Module):
         return pooled[..., :half].mean((2, 3, 4)) - pooled[..., -half:].mean((2, 3, 4))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, d * h * w, C)`` -> ``(B, prod(compressor_grid), C)``, in (d, h, w) row-major order."""
+        """``(B, d * h * w, C)`` -> ``(B, prod(compressor_grid), C)`` in (d, h, w) row-major order,
+        then the grid-summary token where there is one."""
         batch, _, channels = tokens.shape
         grid = tokens.transpose(1, 2).reshape(batch, channels, *self.token_grid)
         pooled = F.adaptive_avg_pool3d(grid, self.output_grid)
         difference = self.difference_gain * self.hemispheric_difference(pooled).unsqueeze(1)
-        return pooled.flatten(2).transpose(1, 2) + difference + self.position
+        compressed = pooled.flatten(2).transpose(1, 2) + difference + self.position
+        if self.grid_summary is None:
+            return compressed
+        summary = self.grid_summary(pooled)
+        return torch.cat([compressed, summary.unsqueeze(1)], dim=1)
 
 
 class Projector(nn.Module):

@@ -136,6 +136,34 @@ def test_a_compressor_without_two_columns_has_no_hemispheres() -> None:
         SpatialCompressor(tiny_config(compressor_grid=[2, 3, 1]))
 
 
+def test_grid_summary_token_reads_the_whole_grid_side_included() -> None:
+    config = tiny_config(input_grid=[12, 24, 28], compressor_grid=[3, 3, 4], grid_summary_rank=4)
+    compressor = SpatialCompressor(config)
+    assert config.num_visual_tokens == 3 * 3 * 4 + 1
+    width = config.vision_config.hidden_size
+    tokens = torch.randn(2, *config.token_grid, width, generator=torch.Generator().manual_seed(8))
+    pooled, difference = _pooled_and_difference(config, tokens.flatten(1, 3))
+    difference = difference.flatten(1, 3) * compressor.difference_gain.detach()
+    changed = tokens.clone()
+    changed[:, 0, 0, 0] += 1.0  # one corner of the grid: pooled into the first grid token only
+    with torch.no_grad():
+        compressed = compressor(tokens.flatten(1, 3))
+        mirrored = compressor(tokens.flip(3).flatten(1, 3))
+        after_change = compressor(changed.flatten(1, 3))
+    assert compressed.shape == (2, config.num_visual_tokens, width)
+    # The grid tokens are as without a summary; the summary token comes last.
+    torch.testing.assert_close(compressed[:, :-1], pooled.flatten(1, 3) + difference, atol=1e-5, rtol=0)
+    # The summary can tell a volume from its mirror image: the location loss teaches it the side.
+    assert (mirrored[:, -1] - compressed[:, -1]).abs().max() > 1e-3
+    # A change in one corner moves the summary token, far from that corner's grid token.
+    assert (after_change[:, -1] - compressed[:, -1]).abs().max() > 1e-3
+
+
+def test_grid_summary_rank_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="grid_summary_rank"):
+        tiny_config(grid_summary_rank=-1)
+
+
 def _head_with_lesion(config: Brain3DConfig, side: str) -> torch.Tensor:
     """A left-right symmetric textured head in [0, 1] (as ``inference.prepare`` delivers it) with one
     bright ellipsoidal lesion in one hemisphere: about 3% of the grid, 7% of the head."""

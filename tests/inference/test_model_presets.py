@@ -21,14 +21,14 @@ def test_tiny_builds_in_well_under_a_second() -> None:
     assert time.perf_counter() - start < 0.5
 
 
-def test_demo_encodes_to_64_visual_tokens_and_generates() -> None:
+def test_demo_encodes_to_64_grid_tokens_and_a_summary_token_and_generates() -> None:
     torch.manual_seed(0)
     model = Brain3D(
         Brain3DConfig.from_preset("demo", vocab_size=len(tiny_tokenizer())), tiny_tokenizer()
     ).eval()
     volumes = random_volumes(model.config).clamp(0, 1)
     assert model.encode_tokens(volumes).shape == (2, 8 * 8 * 8, 96)
-    assert model.encode(volumes).shape == (2, 64, 128)
+    assert model.encode(volumes).shape == (2, 64 + 1, 128)
     output = model.generate(volumes, max_new_tokens=5, min_new_tokens=5)
     assert len(output.reports) == 2 and output.timings["new_tokens"] == 5
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import tiny_model
 
 from inference import training
 from inference.configuration_brain3d import Brain3DConfig
+from inference.convention import LEFT_RIGHT_AXIS
 from inference.modeling_brain3d import Brain3D
-from inference.report_schema import NORMAL
+from inference.report_schema import NORMAL, Findings, Lobe, Side, mirrored
 
 torch.set_num_threads(1)
 
@@ -404,6 +406,61 @@ def test_lesion_grounding_teaches_the_encoder_where_the_lesion_is(tmp_path: Path
             "tiny", ["pretrain-text"], unmasked, tmp_path / "unmasked", lesion_loss_weight=1.0
         )
     assert not (tmp_path / "unmasked").exists()  # refused before the first stage
+
+
+def test_location_labels_are_the_lobes_then_left_then_right() -> None:
+    lobes = frozenset({Lobe.FRONTAL, Lobe.TEMPORAL})
+    labels = training.LocationSupervision.targets
+    lobe_labels = [lobe in lobes for lobe in Lobe]
+    assert labels(Findings(abnormal=True, side=Side.LEFT, lobes=lobes)) == [*lobe_labels, True, False]
+    assert labels(Findings(abnormal=True, side=Side.RIGHT, lobes=lobes)) == [*lobe_labels, False, True]
+    assert labels(Findings(abnormal=True, side=Side.BILATERAL, lobes=lobes)) == [*lobe_labels, True, True]
+
+
+def test_location_loss_teaches_the_summary_token_the_side(tmp_path: Path, tiny_data) -> None:
+    """Trained on a few one-sided lesions and their mirror images, the head reads each study's side
+    from the summary token alone: a token that cannot tell a volume from its mirror could not."""
+    model = tiny_model(grid_summary_rank=8)
+    model.set_trainable("contrastive")
+    location = training.LocationSupervision(model, weight=1.0)
+    one_sided = [i for i, f in enumerate(tiny_data.findings) if f.side in (Side.LEFT, Side.RIGHT)][:3]
+    assert len(one_sided) == 3
+    volumes = tiny_data.volumes[one_sided]
+    volumes = torch.cat([volumes, volumes.flip(LEFT_RIGHT_AXIS)])
+    findings = [tiny_data.findings[i] for i in one_sided]
+    findings = findings + [mirrored(f) for f in findings]
+    optimizer = torch.optim.Adam(
+        [*model.vision.parameters(), *model.compressor.parameters(), *location.parameters()], lr=3e-3
+    )
+    for _ in range(80):
+        optimizer.zero_grad()
+        model.encode(volumes)
+        location(findings).backward()
+        optimizer.step()
+    with torch.no_grad():
+        logits = location.head(model.compressor(model.encode_tokens(volumes))[:, -1])
+    left_over_right = (logits[:, -2] - logits[:, -1]) > 0
+    assert left_over_right.tolist() == [f.side is Side.LEFT for f in findings]
+    model.encode(volumes)
+    location(findings)  # each loss takes the summary of one forward pass: a second would be stale
+    with pytest.raises(RuntimeError, match="has not run"):
+        location(findings)
+    location.remove()
+    assert not model.compressor._forward_hooks
+    with pytest.raises(ValueError, match="grid-summary token"):
+        training.LocationSupervision(tiny_model(), weight=1.0)
+
+
+@pytest.mark.parametrize("grid_summary_rank", [0, 8])
+def test_a_stage_adds_the_location_loss_where_the_model_has_a_summary_token(
+    tmp_path: Path, tiny_data, grid_summary_rank: int
+) -> None:
+    model = tiny_model(grid_summary_rank=grid_summary_rank)
+    training.train_model_stage(model, "contrastive", tiny_data, _quick(max_steps=2), tmp_path, 0, True)
+    log = json.loads((tmp_path / "contrastive" / "log.json").read_text())
+    assert log["options"] == ({"location_loss_weight": 1.0} if grid_summary_rank else {})
+    assert ("location_head" in log["trainable"]) == bool(grid_summary_rank)
+    assert not model.compressor._forward_hooks  # the head is gone with its stage
 
 
 def test_train_refuses_a_cached_data_file_from_another_source(tmp_path: Path, tiny_data) -> None:
