@@ -417,7 +417,7 @@ def test_location_labels_are_the_lobes_then_left_then_right() -> None:
     assert labels(Findings(abnormal=True, side=Side.BILATERAL, lobes=lobes)) == [*lobe_labels, True, True]
 
 
-def test_location_loss_teaches_the_summary_token_the_side(tmp_path: Path, tiny_data) -> None:
+def test_location_loss_teaches_the_summary_token_the_side(tiny_data) -> None:
     """Trained on a few one-sided lesions and their mirror images, the head reads each study's side
     from the summary token alone: a token that cannot tell a volume from its mirror could not."""
     model = tiny_model(grid_summary_rank=8)
@@ -441,6 +441,8 @@ def test_location_loss_teaches_the_summary_token_the_side(tmp_path: Path, tiny_d
         logits = location.head(model.compressor(model.encode_tokens(volumes))[:, -1])
     left_over_right = (logits[:, -2] - logits[:, -1]) > 0
     assert left_over_right.tolist() == [f.side is Side.LEFT for f in findings]
+    model.encode(volumes[:2])
+    assert float(location([NORMAL, NORMAL])) == 0.0  # controls say nothing about where a lesion is
     model.encode(volumes)
     location(findings)  # each loss takes the summary of one forward pass: a second would be stale
     with pytest.raises(RuntimeError, match="has not run"):
