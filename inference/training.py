@@ -704,7 +704,32 @@ def _findings_retrieval_accuracy(
     return correct / max(total, 1)
 
 
-class LesionGrounding(torch.nn.Module):
+class _ForwardOutputLoss(torch.nn.Module):
+    """Base of the auxiliary losses below: a forward hook keeps the output of one module's last
+    forward pass, which the loss takes once (a second loss on it would be stale); ``remove``
+    takes the hook away when the stage ends."""
+
+    def __init__(self, module: torch.nn.Module, weight: float, source: str, loss_name: str) -> None:
+        super().__init__()
+        self.weight = weight
+        self._source, self._loss_name = source, loss_name
+        self._output: torch.Tensor | None = None
+        self._hook = module.register_forward_hook(self._keep_output)
+
+    def _keep_output(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._output = output
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def _take_output(self) -> torch.Tensor:
+        if self._output is None:
+            raise RuntimeError(f"the {self._source} has not run since the last {self._loss_name}")
+        output, self._output = self._output, None
+        return output
+
+
+class LesionGrounding(_ForwardOutputLoss):
     """An auxiliary loss that tells the encoder where the lesion is: a linear head on every token of
     the encoder's 3D grid predicts the share of its tubelet inside the lesion mask (binary
     cross-entropy, lesion and background tokens averaged separately so a small lesion weighs
@@ -719,27 +744,16 @@ class LesionGrounding(torch.nn.Module):
     and BraTS provides the masks too (its segmentation labels)."""
 
     def __init__(self, model: Brain3D, weight: float) -> None:
-        super().__init__()
-        self.weight = weight
+        super().__init__(model.vision, weight, "encoder", "lesion-grounding loss")
         self.token_grid = tuple(model.config.token_grid)
         self.head = torch.nn.Linear(model.config.vision_config.hidden_size, 1)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.constant_(self.head.bias, -4.0)  # predicts a 1.8 % share everywhere at the start
-        self._tokens: torch.Tensor | None = None
-        self._hook = model.vision.register_forward_hook(self._keep_tokens)
-
-    def _keep_tokens(self, module: torch.nn.Module, inputs: Any, tokens: torch.Tensor) -> None:
-        self._tokens = tokens
-
-    def remove(self) -> None:
-        self._hook.remove()
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
         """The weighted loss for the tokens of the encoder's last forward pass; ``masks`` are the
         lesion masks of its volumes, ``(B, 1, D, H, W)``."""
-        if self._tokens is None:
-            raise RuntimeError("the encoder has not run since the last lesion-grounding loss")
-        tokens, self._tokens = self._tokens, None
+        tokens = self._take_output()
         targets = F.adaptive_avg_pool3d(masks.float(), self.token_grid).flatten(1)  # (B, tokens)
         logits = self.head(tokens.float()).squeeze(-1)
         losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -750,7 +764,7 @@ class LesionGrounding(torch.nn.Module):
         return self.weight * loss
 
 
-class LocationSupervision(torch.nn.Module):
+class LocationSupervision(_ForwardOutputLoss):
     """An auxiliary loss that teaches the compressor's grid-summary token where the lesion is: a
     linear head on that token predicts, for a lesional study, each of its lobes and whether it
     reaches the left and the right hemisphere (both for a bilateral lesion); binary cross-entropy,
@@ -760,21 +774,12 @@ class LocationSupervision(torch.nn.Module):
     blind to the side; with the side taught beside the lobes, both improved (``docs/results.md``)."""
 
     def __init__(self, model: Brain3D, weight: float) -> None:
-        super().__init__()
         if model.compressor.grid_summary is None:
             raise ValueError(
                 "the location loss needs the compressor's grid-summary token (grid_summary_rank > 0)"
             )
-        self.weight = weight
+        super().__init__(model.compressor, weight, "compressor", "location loss")
         self.head = torch.nn.Linear(model.config.vision_config.hidden_size, len(Lobe) + 2)
-        self._summary: torch.Tensor | None = None
-        self._hook = model.compressor.register_forward_hook(self._keep_summary)
-
-    def _keep_summary(self, module: torch.nn.Module, inputs: Any, tokens: torch.Tensor) -> None:
-        self._summary = tokens[:, -1]
-
-    def remove(self) -> None:
-        self._hook.remove()
 
     @staticmethod
     def targets(findings: Findings) -> list[bool]:
@@ -785,9 +790,7 @@ class LocationSupervision(torch.nn.Module):
         ]
 
     def forward(self, findings: Sequence[Findings]) -> torch.Tensor:
-        summary, self._summary = self._summary, None
-        if summary is None:
-            raise RuntimeError("the compressor has not run since the last location loss")
+        summary = self._take_output()[:, -1]
         lesional = torch.tensor([f.abnormal for f in findings], device=summary.device)
         if not lesional.any():
             return summary.sum() * 0.0
@@ -857,14 +860,11 @@ def train_model_stage(
             location = LocationSupervision(model, location_loss_weight).to(device)
             modules.append(location)
             counts["location_head"] = sum(p.numel() for p in location.head.parameters())
-    options = {
-        name: weight
-        for name, weight, in_effect in (
-            ("lesion_loss_weight", lesion_loss_weight, lesion_loss_weight > 0),
-            ("location_loss_weight", location_loss_weight, location is not None),
-        )
-        if in_effect
-    }
+    options = {}  # the loss weights in effect, which a resumed stage must match
+    if lesion_loss_weight > 0:
+        options["lesion_loss_weight"] = lesion_loss_weight
+    if location is not None:
+        options["location_loss_weight"] = location_loss_weight
     parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
     counts["trainable"] = sum(p.numel() for p in parameters)
     print(f"stage {stage}: trains {counts}")
