@@ -72,13 +72,13 @@ def train(
             "needs masks: synthetic data, or a manifest whose patients have segmentations); 0: off",
         ),
     ] = 0.0,
-    location_loss_weight: Annotated[
+    findings_loss_weight: Annotated[
         float,
         typer.Option(
             min=0.0,
-            help="weight of the location loss (the lesion's side and lobes, read from the compressor's "
-            "grid-summary token) in the stages that train the compressor; models without that token "
-            "(grid_summary_rank 0) have none; 0: off",
+            help="weight of the findings loss (each finding, and the lesion's side and lobes, read from "
+            "the compressor's grid-summary token) in the stages that train the compressor; models "
+            "without that token (grid_summary_rank 0) have none; 0: off",
         ),
     ] = 1.0,
     encoder_in_lm_stages: Annotated[
@@ -177,7 +177,7 @@ def train(
         vision_in_lm=encoder_in_lm_stages,
         device=device,
         lesion_loss_weight=lesion_loss_weight,
-        location_loss_weight=location_loss_weight,
+        findings_loss_weight=findings_loss_weight,
     )
     typer.echo(f"final checkpoint: {out / 'final'}")
 

@@ -273,11 +273,11 @@ class SpatialCompressor(nn.Module):
 
     The grid summary (``grid_summary_rank`` > 0) says where the lesion lies in one place: a
     low-rank linear readout of the whole pooled grid, appended as one more token, which training's
-    location loss (:class:`inference.training.LocationSupervision`) teaches the lesion's side and
-    lobes. The report loss alone never put the lobe into it, and the decoder never learnt to read
-    the lobe from which grid token holds the lesion, although a linear probe finds it there. A
-    token of its own, because added to every token it outgrew them twelvefold and the decoder lost
-    the side (``docs/results.md``).
+    findings loss (:class:`inference.training.FindingsSupervision`) teaches the report's findings
+    and the lesion's side and lobes. The report loss alone never put the lobe into it, and the
+    decoder never learnt to read the lobe from which grid token holds the lesion, although a
+    linear probe finds it there. A token of its own, because added to every token it outgrew them
+    twelvefold and the decoder lost the side (``docs/results.md``).
     """
 
     def __init__(self, config: Brain3DConfig):

@@ -764,40 +764,54 @@ class LesionGrounding(_ForwardOutputLoss):
         return self.weight * loss
 
 
-class LocationSupervision(_ForwardOutputLoss):
-    """An auxiliary loss that teaches the compressor's grid-summary token where the lesion is: a
-    linear head on that token predicts, for a lesional study, each of its lobes and whether it
-    reaches the left and the right hemisphere (both for a bilateral lesion); binary cross-entropy,
-    controls and their twins left out. The model does not keep the head.
+class FindingsSupervision(_ForwardOutputLoss):
+    """An auxiliary loss that teaches the compressor's grid-summary token what the report will
+    assert: a linear head on that token predicts, for every study, whether it is abnormal and each
+    binary finding (:attr:`FINDINGS`), and, for a lesional study, each of its lobes and whether it
+    reaches the left and the right hemisphere (both for a bilateral lesion). Binary cross-entropy:
+    the findings averaged over every study, controls and mirrored twins included, and the location
+    over the lesional ones, so controls teach what is absent without diluting where a lesion is.
+    The model does not keep the head.
 
     The report loss alone never taught the demo decoder the lobe, nor did a summary token kept
-    blind to the side; with the side taught beside the lobes, both improved (``docs/results.md``)."""
+    blind to the side. Taught the side beside the lobes, the token improved both; taught the
+    findings as well, it improved the side and the pathology again (``docs/results.md``)."""
+
+    #: The findings predicted for every study, in this order, before the lobes and sides.
+    FINDINGS = ("abnormal", "edema", "necrosis", "enhancement", "ventricular_compression", "midline_shift")
 
     def __init__(self, model: Brain3D, weight: float) -> None:
         if model.compressor.grid_summary is None:
             raise ValueError(
-                "the location loss needs the compressor's grid-summary token (grid_summary_rank > 0)"
+                "the findings loss needs the compressor's grid-summary token (grid_summary_rank > 0)"
             )
-        super().__init__(model.compressor, weight, "compressor", "location loss")
-        self.head = torch.nn.Linear(model.config.vision_config.hidden_size, len(Lobe) + 2)
+        super().__init__(model.compressor, weight, "compressor", "findings loss")
+        self.head = torch.nn.Linear(
+            model.config.vision_config.hidden_size, len(self.FINDINGS) + len(Lobe) + 2
+        )
 
-    @staticmethod
-    def targets(findings: Findings) -> list[bool]:
-        """One study's labels: its lobes in :class:`Lobe` order, then left, then right."""
-        return [lobe in findings.lobes for lobe in Lobe] + [
+    @classmethod
+    def targets(cls, findings: Findings) -> list[bool]:
+        """One study's labels: :attr:`FINDINGS`, its lobes in :class:`Lobe` order, then left, then
+        right."""
+        return [bool(getattr(findings, name)) for name in cls.FINDINGS] + [
+            *(lobe in findings.lobes for lobe in Lobe),
             findings.side in (Side.LEFT, Side.BILATERAL),
             findings.side in (Side.RIGHT, Side.BILATERAL),
         ]
 
     def forward(self, findings: Sequence[Findings]) -> torch.Tensor:
         summary = self._take_output()[:, -1]
-        lesional = torch.tensor([f.abnormal for f in findings], device=summary.device)
-        if not lesional.any():
-            return summary.sum() * 0.0
-        labels = [self.targets(f) for f in findings]
-        targets = torch.tensor(labels, dtype=torch.float32, device=summary.device)
+        labels = torch.tensor([self.targets(f) for f in findings], dtype=torch.float32, device=summary.device)
         logits = self.head(summary.float())
-        return self.weight * F.binary_cross_entropy_with_logits(logits[lesional], targets[lesional])
+        split = len(self.FINDINGS)
+        loss = F.binary_cross_entropy_with_logits(logits[:, :split], labels[:, :split])
+        lesional = labels[:, 0] > 0
+        if lesional.any():
+            loss = loss + F.binary_cross_entropy_with_logits(
+                logits[lesional, split:], labels[lesional, split:]
+            )
+        return self.weight * loss
 
 
 def _require_lesion_masks(data: TrainingData) -> None:
@@ -819,14 +833,14 @@ def train_model_stage(
     vision_in_lm: bool,
     text_tower: ReportTextTower | None = None,
     lesion_loss_weight: float = 0.0,
-    location_loss_weight: float = 1.0,
+    findings_loss_weight: float = 1.0,
 ) -> StageResult:
     """Stage 1 (``contrastive``), 2a (``projector``) or 2b (``lora``).
 
     Stage 1 embeds reports with ``text_tower`` where there is one, else with the frozen decoder.
     With ``lesion_loss_weight``, a stage that trains the encoder adds :class:`LesionGrounding`; with
-    ``location_loss_weight``, a stage that trains the compressor of a model with a grid-summary token
-    adds :class:`LocationSupervision`."""
+    ``findings_loss_weight``, a stage that trains the compressor of a model with a grid-summary token
+    adds :class:`FindingsSupervision`."""
     if stage == "contrastive" and settings.micro_batch < 2:
         raise ValueError(
             "the contrastive stage needs a micro-batch of at least 2: the other studies of a batch "
@@ -852,19 +866,19 @@ def train_model_stage(
             counts["lesion_grounding_head"] = sum(p.numel() for p in grounding.parameters())
         else:
             print(f"stage {stage}: the encoder is frozen, so no lesion-grounding loss")
-    location = None
-    if location_loss_weight > 0 and any(p.requires_grad for p in model.compressor.parameters()):
+    findings_loss = None
+    if findings_loss_weight > 0 and any(p.requires_grad for p in model.compressor.parameters()):
         if model.compressor.grid_summary is None:
-            print(f"stage {stage}: the model has no grid-summary token, so no location loss")
+            print(f"stage {stage}: the model has no grid-summary token, so no findings loss")
         else:
-            location = LocationSupervision(model, location_loss_weight).to(device)
-            modules.append(location)
-            counts["location_head"] = sum(p.numel() for p in location.head.parameters())
+            findings_loss = FindingsSupervision(model, findings_loss_weight).to(device)
+            modules.append(findings_loss)
+            counts["findings_head"] = sum(p.numel() for p in findings_loss.head.parameters())
     options = {}  # the loss weights in effect, which a resumed stage must match
     if lesion_loss_weight > 0:
         options["lesion_loss_weight"] = lesion_loss_weight
-    if location is not None:
-        options["location_loss_weight"] = location_loss_weight
+    if findings_loss is not None:
+        options["findings_loss_weight"] = findings_loss_weight
     parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
     counts["trainable"] = sum(p.numel() for p in parameters)
     print(f"stage {stage}: trains {counts}")
@@ -883,8 +897,8 @@ def train_model_stage(
                 loss = model.contrastive_loss(volumes, reports, embed_reports, same_findings(findings))
             else:
                 loss = model.language_modeling_loss(volumes, reports)
-        if location is not None:
-            loss = loss + location(findings)
+        if findings_loss is not None:
+            loss = loss + findings_loss(findings)
         if grounding is None:
             return loss, None
         return loss, grounding(data.lesion_masks_of(batch, device, mirror=mirror))
@@ -926,8 +940,8 @@ def train_model_stage(
     finally:
         if grounding is not None:
             grounding.remove()
-        if location is not None:
-            location.remove()
+        if findings_loss is not None:
+            findings_loss.remove()
     if stage == "contrastive":
         final = [e for e in result.log if "retrieval_accuracy" in e]
         if final:
@@ -1000,7 +1014,7 @@ def train_pipeline(
     device: str = "cpu",
     pretrained_2d_run: Path | None = None,
     lesion_loss_weight: float = 0.0,
-    location_loss_weight: float = 1.0,
+    findings_loss_weight: float = 1.0,
 ) -> Brain3D:
     """Run ``stages`` in order, each starting from the previous one's best checkpoint.
 
@@ -1042,7 +1056,7 @@ def train_pipeline(
                 vision_in_lm,
                 text_tower,
                 lesion_loss_weight,
-                location_loss_weight,
+                findings_loss_weight,
             )
         results.append(result)
         if stage == "pretrain-2d":

@@ -408,21 +408,31 @@ def test_lesion_grounding_teaches_the_encoder_where_the_lesion_is(tmp_path: Path
     assert not (tmp_path / "unmasked").exists()  # refused before the first stage
 
 
-def test_location_labels_are_the_lobes_then_left_then_right() -> None:
+def test_findings_labels_are_the_findings_then_the_lobes_then_left_then_right() -> None:
     lobes = frozenset({Lobe.FRONTAL, Lobe.TEMPORAL})
-    labels = training.LocationSupervision.targets
+    labels = training.FindingsSupervision.targets
     lobe_labels = [lobe in lobes for lobe in Lobe]
-    assert labels(Findings(abnormal=True, side=Side.LEFT, lobes=lobes)) == [*lobe_labels, True, False]
-    assert labels(Findings(abnormal=True, side=Side.RIGHT, lobes=lobes)) == [*lobe_labels, False, True]
-    assert labels(Findings(abnormal=True, side=Side.BILATERAL, lobes=lobes)) == [*lobe_labels, True, True]
+    lesion = Findings(abnormal=True, side=Side.LEFT, lobes=lobes, edema=True, midline_shift=True)
+    found = [
+        True,
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]  # abnormal, edema, necrosis, enhancement, compression, shift
+    assert labels(lesion) == [*found, *lobe_labels, True, False]
+    assert labels(dataclasses.replace(lesion, side=Side.RIGHT)) == [*found, *lobe_labels, False, True]
+    assert labels(dataclasses.replace(lesion, side=Side.BILATERAL)) == [*found, *lobe_labels, True, True]
+    assert labels(NORMAL) == [False] * (len(training.FindingsSupervision.FINDINGS) + len(Lobe) + 2)
 
 
-def test_location_loss_teaches_the_summary_token_the_side(tiny_data) -> None:
+def test_findings_loss_teaches_the_summary_token_the_side(tiny_data) -> None:
     """Trained on a few one-sided lesions and their mirror images, the head reads each study's side
     from the summary token alone: a token that cannot tell a volume from its mirror could not."""
     model = tiny_model(grid_summary_rank=8)
     model.set_trainable("contrastive")
-    location = training.LocationSupervision(model, weight=1.0)
+    findings_loss = training.FindingsSupervision(model, weight=1.0)
     one_sided = [i for i, f in enumerate(tiny_data.findings) if f.side in (Side.LEFT, Side.RIGHT)][:3]
     assert len(one_sided) == 3
     volumes = tiny_data.volumes[one_sided]
@@ -430,38 +440,52 @@ def test_location_loss_teaches_the_summary_token_the_side(tiny_data) -> None:
     findings = [tiny_data.findings[i] for i in one_sided]
     findings = findings + [mirrored(f) for f in findings]
     optimizer = torch.optim.Adam(
-        [*model.vision.parameters(), *model.compressor.parameters(), *location.parameters()], lr=3e-3
+        [*model.vision.parameters(), *model.compressor.parameters(), *findings_loss.parameters()], lr=3e-3
     )
     for _ in range(80):
         optimizer.zero_grad()
         model.encode(volumes)
-        location(findings).backward()
+        findings_loss(findings).backward()
         optimizer.step()
     with torch.no_grad():
-        logits = location.head(model.compressor(model.encode_tokens(volumes))[:, -1])
+        logits = findings_loss.head(model.compressor(model.encode_tokens(volumes))[:, -1])
     left_over_right = (logits[:, -2] - logits[:, -1]) > 0
     assert left_over_right.tolist() == [f.side is Side.LEFT for f in findings]
-    model.encode(volumes[:2])
-    assert float(location([NORMAL, NORMAL])) == 0.0  # controls say nothing about where a lesion is
+
+    # Controls teach the findings (all absent), never where a lesion is: the location rows of the
+    # head do not enter their loss.
+    def control_loss() -> float:
+        with torch.no_grad():
+            model.encode(volumes[:2])
+            return float(findings_loss([NORMAL, NORMAL]))
+
+    before = control_loss()
+    split = len(training.FindingsSupervision.FINDINGS)
+    with torch.no_grad():
+        findings_loss.head.weight[split:] += 1.0
+    assert control_loss() == pytest.approx(before)
+    with torch.no_grad():
+        findings_loss.head.bias[0] += 1.0  # "abnormal" said more strongly of a control costs more
+    assert control_loss() > before
     model.encode(volumes)
-    location(findings)  # each loss takes the summary of one forward pass: a second would be stale
+    findings_loss(findings)  # each loss takes the summary of one forward pass: a second would be stale
     with pytest.raises(RuntimeError, match="has not run"):
-        location(findings)
-    location.remove()
+        findings_loss(findings)
+    findings_loss.remove()
     assert not model.compressor._forward_hooks
     with pytest.raises(ValueError, match="grid-summary token"):
-        training.LocationSupervision(tiny_model(), weight=1.0)
+        training.FindingsSupervision(tiny_model(), weight=1.0)
 
 
 @pytest.mark.parametrize("grid_summary_rank", [0, 8])
-def test_a_stage_adds_the_location_loss_where_the_model_has_a_summary_token(
+def test_a_stage_adds_the_findings_loss_where_the_model_has_a_summary_token(
     tmp_path: Path, tiny_data, grid_summary_rank: int
 ) -> None:
     model = tiny_model(grid_summary_rank=grid_summary_rank)
     training.train_model_stage(model, "contrastive", tiny_data, _quick(max_steps=2), tmp_path, 0, True)
     log = json.loads((tmp_path / "contrastive" / "log.json").read_text())
-    assert log["options"] == ({"location_loss_weight": 1.0} if grid_summary_rank else {})
-    assert ("location_head" in log["trainable"]) == bool(grid_summary_rank)
+    assert log["options"] == ({"findings_loss_weight": 1.0} if grid_summary_rank else {})
+    assert ("findings_head" in log["trainable"]) == bool(grid_summary_rank)
     assert not model.compressor._forward_hooks  # the head is gone with its stage
 
 
