@@ -804,12 +804,12 @@ class FindingsSupervision(_ForwardOutputLoss):
         summary = self._take_output()[:, -1]
         labels = torch.tensor([self.targets(f) for f in findings], dtype=torch.float32, device=summary.device)
         logits = self.head(summary.float())
-        split = len(self.FINDINGS)
-        loss = F.binary_cross_entropy_with_logits(logits[:, :split], labels[:, :split])
-        lesional = labels[:, 0] > 0
+        first_location = len(self.FINDINGS)  # the lobe and side columns follow the findings
+        loss = F.binary_cross_entropy_with_logits(logits[:, :first_location], labels[:, :first_location])
+        lesional = torch.tensor([f.abnormal for f in findings], device=summary.device)
         if lesional.any():
             loss = loss + F.binary_cross_entropy_with_logits(
-                logits[lesional, split:], labels[lesional, split:]
+                logits[lesional, first_location:], labels[lesional, first_location:]
             )
         return self.weight * loss
 

@@ -460,9 +460,9 @@ def test_findings_loss_teaches_the_summary_token_the_side(tiny_data) -> None:
             return float(findings_loss([NORMAL, NORMAL]))
 
     before = control_loss()
-    split = len(training.FindingsSupervision.FINDINGS)
+    first_location = len(training.FindingsSupervision.FINDINGS)
     with torch.no_grad():
-        findings_loss.head.weight[split:] += 1.0
+        findings_loss.head.weight[first_location:] += 1.0
     assert control_loss() == pytest.approx(before)
     with torch.no_grad():
         findings_loss.head.bias[0] += 1.0  # "abnormal" said more strongly of a control costs more
