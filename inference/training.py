@@ -890,7 +890,8 @@ def train_model_stage(
     def losses_of(
         batch: list[int], rng: random.Random, mirror: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stage's loss, and the lesion-grounding loss where there is one."""
+        """The stage's loss (with the findings loss added where there is one), and the
+        lesion-grounding loss where there is one."""
         volumes, reports, findings = data.batch(batch, rng, device, mirror=mirror)
         with _autocast(device):
             if stage == "contrastive":
@@ -910,7 +911,8 @@ def train_model_stage(
     val_batches = _validation_batches(data, max(settings.micro_batch, 2))
 
     def validate() -> dict[str, float]:
-        """The stage's own loss decides the best checkpoint; the grounding loss is only reported."""
+        """The stage's loss, findings loss included, decides the best checkpoint; the grounding
+        loss is only reported."""
         val_rng = random.Random(seed + 3)
         losses = [losses_of(b, val_rng, mirror=False) for b in val_batches]
         metrics = {"val_loss": float(np.mean([float(loss) for loss, _ in losses]))}

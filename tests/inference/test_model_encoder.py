@@ -153,7 +153,7 @@ def test_grid_summary_token_reads_the_whole_grid_side_included() -> None:
     assert compressed.shape == (2, config.num_visual_tokens, width)
     # The grid tokens are as without a summary; the summary token comes last.
     torch.testing.assert_close(compressed[:, :-1], pooled.flatten(1, 3) + difference, atol=1e-5, rtol=0)
-    # The summary can tell a volume from its mirror image: the location loss teaches it the side.
+    # The summary can tell a volume from its mirror image: the findings loss teaches it the side.
     assert (mirrored[:, -1] - compressed[:, -1]).abs().max() > 1e-3
     # A change in one corner moves the summary token, far from that corner's grid token.
     assert (after_change[:, -1] - compressed[:, -1]).abs().max() > 1e-3

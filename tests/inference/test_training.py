@@ -413,14 +413,8 @@ def test_findings_labels_are_the_findings_then_the_lobes_then_left_then_right() 
     labels = training.FindingsSupervision.targets
     lobe_labels = [lobe in lobes for lobe in Lobe]
     lesion = Findings(abnormal=True, side=Side.LEFT, lobes=lobes, edema=True, midline_shift=True)
-    found = [
-        True,
-        True,
-        False,
-        False,
-        False,
-        True,
-    ]  # abnormal, edema, necrosis, enhancement, compression, shift
+    # abnormal, edema, necrosis, enhancement, ventricular compression, midline shift
+    found = [True, True, False, False, False, True]
     assert labels(lesion) == [*found, *lobe_labels, True, False]
     assert labels(dataclasses.replace(lesion, side=Side.RIGHT)) == [*found, *lobe_labels, False, True]
     assert labels(dataclasses.replace(lesion, side=Side.BILATERAL)) == [*found, *lobe_labels, True, True]
