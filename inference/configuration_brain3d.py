@@ -63,6 +63,8 @@ class Brain3DConfig(PretrainedConfig):
     #: Rank of the compressor's grid-summary token (a linear readout of the whole pooled grid, see
     #: ``SpatialCompressor``); 0: no such token.
     grid_summary_rank: int = 0
+    #: Channels of the convolutional stem beside the tubelet embedding (``LesionStem``); 0: none.
+    stem_channels: int = 0
     #: Hidden width of the projector MLP; ``None`` means the language model's width.
     projector_hidden_size: int | None = None
     num_soft_prompts: int = 16
@@ -104,6 +106,11 @@ class Brain3DConfig(PretrainedConfig):
             raise ValueError(f"compressor grid {self.compressor_grid} exceeds token grid {self.token_grid}")
         if self.grid_summary_rank < 0:
             raise ValueError(f"grid_summary_rank must be 0 (none) or more, got {self.grid_summary_rank}")
+        if self.stem_channels < 0 or (self.stem_channels and patch % 2):
+            raise ValueError(
+                f"stem_channels must be 0 (none) or more, with an even patch size; got "
+                f"{self.stem_channels} with patch size {patch}"
+            )
         # The vision tower's own attention settings are set here once so that every path
         # (presets, from_2d, from_pretrained) runs the same kernels.
         self.vision_config._attn_implementation = self.vision_config._attn_implementation or "sdpa"
@@ -262,6 +269,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tubelet_depth": 4,
         "compressor_grid": [4, 4, 4],
         "grid_summary_rank": 32,
+        "stem_channels": 16,
         "num_soft_prompts": 16,
         "lora_rank": 8,
         "lora_alpha": 16,

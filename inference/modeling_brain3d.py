@@ -147,6 +147,37 @@ def _language_model_key_function(model_type: str) -> Callable[[str], str | None]
 # --------------------------------------------------------------------------------------------------
 
 
+class LesionStem(nn.Module):
+    """A convolutional stem beside the tubelet embedding: one strided 3x3x3 convolution at (nearly)
+    full resolution, GELU, the maximum over each tubelet, and a 1x1x1 projection to the encoder's
+    width, added to the tubelet's token.
+
+    A tubelet embedding is linear in its voxels, so a small lesion anywhere in a tubelet, barely
+    brighter than cortex, moves its token little; a filter slid over every voxel and maximised per
+    tubelet marks it wherever it lies. On the demo grid a small network that starts with a tubelet
+    embedding finds 24-31 % of the lesions without edema at 98 % specificity, one with this stem
+    35-54 % (``docs/results.md``). The projection starts at zero, so the inflated encoder is
+    unchanged at initialisation.
+    """
+
+    def __init__(self, config: Brain3DConfig):
+        super().__init__()
+        channels = config.stem_channels
+        patch = config.vision_config.patch_size
+        self.convolution = nn.Conv3d(1, channels, kernel_size=3, stride=(1, 2, 2), padding=1)
+        self.pool = nn.MaxPool3d((config.tubelet_depth, patch // 2, patch // 2))
+        self.projection = nn.Conv3d(channels, config.vision_config.hidden_size, kernel_size=1)
+        nn.init.zeros_(self.projection.weight)
+        nn.init.zeros_(self.projection.bias)
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` -> ``(B, d * h * w, width)``, in the tubelet tokens' order."""
+        # Channels-last: this convolution's forward and backward take a quarter less time on the CPU.
+        volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
+        features = self.pool(F.gelu(self.convolution(volumes)))
+        return self.projection(features).flatten(2).transpose(1, 2)
+
+
 class TubeletEmbedding(nn.Module):
     """SigLIP's patch embedding inflated to non-overlapping ``t x p x p`` tubelets of a grey volume.
 
@@ -154,7 +185,8 @@ class TubeletEmbedding(nn.Module):
     kernel is summed over its input channels, repeated along depth and divided by the tubelet
     depth: a volume of identical slices then embeds exactly as the 2D model embeds one slice.
     The learned 2D position embeddings are kept (interpolated to the in-plane patch grid as
-    SigLIP's ``interpolate_pos_encoding`` does); a depth embedding, zero at initialisation, is added.
+    SigLIP's ``interpolate_pos_encoding`` does); a depth embedding, zero at initialisation, is added,
+    and the :class:`LesionStem`'s output where the configuration has one (``stem_channels``).
     """
 
     def __init__(self, config: Brain3DConfig, patch_embedding: nn.Conv2d, position_embedding: nn.Embedding):
@@ -169,6 +201,7 @@ class TubeletEmbedding(nn.Module):
             position_embedding.weight.detach().reshape(side, side, width).clone()
         )
         self.depth_position = nn.Parameter(torch.zeros(self.token_grid[0], width))
+        self.stem = LesionStem(config) if config.stem_channels else None
         with torch.no_grad():
             kernel_2d = patch_embedding.weight.sum(dim=1, keepdim=True)  # (width, 1, p, p)
             self.patch.weight.copy_(kernel_2d.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth)
@@ -186,7 +219,10 @@ class TubeletEmbedding(nn.Module):
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` -> ``(B, d * h * w, width)``, tokens in (d, h, w) row-major order."""
-        tokens = self.patch(volumes.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)
+        volumes = volumes.to(self.patch.weight.dtype)
+        tokens = self.patch(volumes).flatten(2).transpose(1, 2)
+        if self.stem is not None:
+            tokens = tokens + self.stem(volumes)
         positions = self.depth_position[:, None, :] + self.plane_positions()[None, :, :]
         return tokens + positions.reshape(1, -1, tokens.shape[-1])
 
@@ -562,7 +598,7 @@ class Brain3D(nn.Module):
         """Named parameters by part: what ``set_trainable`` switches on and off."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
         for name, parameter in self.named_parameters():
-            if name.startswith("vision.embeddings.patch."):
+            if name.startswith(("vision.embeddings.patch.", "vision.embeddings.stem.")):
                 group = "tubelet_embedding"
             elif name == "vision.embeddings.depth_position":
                 group = "depth_position"

@@ -10,7 +10,7 @@ from transformers import SiglipVisionModel
 
 from inference.configuration_brain3d import Brain3DConfig
 from inference.convention import LEFT_RIGHT_AXIS
-from inference.modeling_brain3d import Brain3D, SliceEncoder, SpatialCompressor
+from inference.modeling_brain3d import Brain3D, LesionStem, SliceEncoder, SpatialCompressor
 
 
 def _model_with_2d_twin(config: Brain3DConfig) -> tuple[Brain3D, SiglipVisionModel]:
@@ -51,6 +51,47 @@ def test_tubelet_kernel_is_the_channel_sum_repeated_over_depth_and_divided_by_it
     for depth in range(config.tubelet_depth):
         torch.testing.assert_close(kernel_3d[:, :, depth], expected)
     assert model.vision.embeddings.patch.stride[0] == config.tubelet_depth
+
+
+def test_the_lesion_stem_leaves_the_inflated_encoder_unchanged_at_initialisation() -> None:
+    config = tiny_config(stem_channels=4)
+    model, _ = _model_with_2d_twin(config)
+    volume = torch.rand(2, 1, *config.input_grid, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        with_stem = model.encode_tokens(volume)
+        model.vision.embeddings.stem = None
+        without_stem = model.encode_tokens(volume)
+    torch.testing.assert_close(with_stem, without_stem, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("column", [1, 4], ids=["patient-left-column", "patient-right-column"])
+def test_the_lesion_stem_marks_a_bright_voxel_in_its_own_tubelets_token_only(column: int) -> None:
+    """Tubelets of 4x4x4 on an 8x24x24 grid (token grid 2x6x6); W runs from the patient's left."""
+    config = tiny_config(stem_channels=4, tubelet_depth=4)
+    stem = LesionStem(config)
+    with torch.no_grad():
+        stem.convolution.weight.fill_(1.0)
+        stem.convolution.bias.zero_()
+        stem.projection.weight.fill_(1.0)
+    volume = torch.zeros(1, 1, *config.input_grid)
+    bright = volume.clone()
+    # Depth 1 of slab 0; row 1 and the given column of 4-voxel patches, two voxels in: no 3x3x3
+    # window sampled by the stride-2 convolution reaches a neighbouring tubelet.
+    bright[0, 0, 1, 4 * 1 + 2, 4 * column + 2] = 1.0
+    with torch.no_grad():
+        change = (stem(bright) - stem(volume)).abs().sum(-1)[0]  # one value per token
+    token = (0 * 6 + 1) * 6 + column  # (d, h, w) row-major, as the tubelet embedding orders tokens
+    assert change[token] > 0
+    assert torch.count_nonzero(change) == 1
+
+
+def test_a_lesion_stem_needs_a_positive_width_and_an_even_patch() -> None:
+    with pytest.raises(ValueError, match="stem_channels"):
+        tiny_config(stem_channels=-1)
+    odd_patch = {**tiny_config().vision_config.to_dict(), "patch_size": 3, "image_size": 12}
+    tiny_config(vision_config=odd_patch)  # an odd patch is fine without a stem
+    with pytest.raises(ValueError, match="even patch size"):
+        tiny_config(vision_config=odd_patch, stem_channels=4)
 
 
 def test_4b_changing_one_slice_changes_the_tokens_of_other_slabs() -> None:

@@ -267,6 +267,31 @@ def test_checkpoint_built_from_2d_saves_only_what_was_trained_here(
     assert loaded.generate(volumes, max_new_tokens=10).token_ids == expected.token_ids
 
 
+def test_a_lesion_stem_trains_in_stage_1_beside_pretrained_blocks_and_is_saved_with_the_checkpoint(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """The stem is new to a pretrained encoder: stage 1 trains it with the tubelet embedding while
+    the pretrained blocks stay frozen, and the checkpoint keeps it beside them."""
+    model = Brain3D.from_2d(
+        vision=checkpoints["medsiglip-like"],
+        language_model=checkpoints["multimodal"],
+        config=tiny_config(stem_channels=4),
+    ).eval()
+    model.set_trainable("contrastive")
+    stem = dict(model.vision.embeddings.stem.named_parameters())
+    assert stem and all(p.requires_grad for p in stem.values())
+    assert not any(p.requires_grad for p in model.vision.encoder.parameters())
+    perturb_trainable(model)  # the stem's projection starts at zero: a lost stem would go unseen
+    volumes = random_volumes(model.config).clamp(0, 1)
+    model.save_pretrained(tmp_path / "brain3d")
+    assert {f"vision.embeddings.stem.{name}" for name in stem} <= set(
+        load_file(tmp_path / "brain3d" / "model.safetensors")
+    )
+    loaded = Brain3D.from_pretrained(tmp_path / "brain3d")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(volumes), model.encode(volumes), atol=0, rtol=0)
+
+
 def test_changed_base_weights_are_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
