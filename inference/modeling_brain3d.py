@@ -148,9 +148,9 @@ def _language_model_key_function(model_type: str) -> Callable[[str], str | None]
 
 
 class LesionStem(nn.Module):
-    """A convolutional stem beside the tubelet embedding: one strided 3x3x3 convolution at (nearly)
-    full resolution, GELU, the maximum over each tubelet, and a 1x1x1 projection to the encoder's
-    width, added to the tubelet's token.
+    """A convolutional stem beside the tubelet embedding: one 3x3x3 convolution at full depth and
+    half the in-plane resolution, GELU, the maximum over each tubelet, and a 1x1x1 projection to the
+    encoder's width, added to the tubelet's token.
 
     A tubelet embedding is linear in its voxels, so a small lesion anywhere in a tubelet, barely
     brighter than cortex, moves its token little; a filter slid over every voxel and maximised per
@@ -251,7 +251,8 @@ class SliceEncoder(nn.Module):
     """The 2D slice baseline's encoder (``vision_encoder="2d-slices"``), for the ablation.
 
     SigLIP's 2D vision tower reads the middle axial slice of every ``tubelet_depth`` slab as an
-    image of its own, as a 2D model fed several slices would; no attention crosses slices. The
+    image of its own, as a 2D model fed several slices would; no attention crosses slices, and no
+    lesion stem reads the volume. The
     slices' tokens stack along depth into the token grid the inflated encoder produces, so
     compressor, projector and decoder are the same and the ablation compares the encoders alone.
     """
