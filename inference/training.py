@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from inference.convention import LEFT_RIGHT_AXIS
+from inference.metrics import BINARY_FINDINGS, finding_metrics
 from inference.report_schema import NORMAL_SENTENCES, Findings, Lobe, Side, mirrored, parse, render
 from inference.synthetic import EDEMA_PROBABILITY, case_plans, synthesize_case
 
@@ -778,7 +779,7 @@ class FindingsSupervision(_ForwardOutputLoss):
     findings as well, it improved the side and the pathology again (``docs/results.md``)."""
 
     #: The findings predicted for every study, in this order, before the lobes and sides.
-    FINDINGS = ("abnormal", "edema", "necrosis", "enhancement", "ventricular_compression", "midline_shift")
+    FINDINGS = BINARY_FINDINGS
 
     def __init__(self, model: Brain3D, weight: float) -> None:
         if model.compressor.grid_summary is None:
@@ -953,8 +954,6 @@ def train_model_stage(
 
 def quick_generation_check(model: Brain3D, data: TrainingData, limit: int = 64) -> dict[str, float]:
     """Validation reports generated and parsed: a sanity figure printed after the LM stages."""
-    from inference.metrics import finding_metrics
-
     indices = data.indices("val")[:limit]
     generated = []
     for start in range(0, len(indices), 16):

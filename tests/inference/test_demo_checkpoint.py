@@ -32,8 +32,8 @@ def test_checkpoint_files_and_model_card() -> None:
 
 def test_quick_evaluation_meets_absolute_thresholds(metrics: dict) -> None:
     findings = metrics["findings"]
-    # Floors below the 200-case figures of docs/results.md (v22s2: pathology F1 0.84-0.89, specificity
-    # 0.95-1.0, sensitivity 0.84-0.91) with room for 20-case noise; they catch a broken load or
+    # Floors below the 200-case figures of docs/results.md (v23: pathology F1 0.89-0.91, specificity
+    # 0.98-1.0, sensitivity 0.89-0.92) with room for 20-case noise; they catch a broken load or
     # preprocessing.
     assert metrics["paper"]["pathology"]["mean"] >= 0.6
     assert findings["abnormal_specificity"] >= 0.8
