@@ -187,6 +187,11 @@ class TubeletEmbedding(nn.Module):
     The learned 2D position embeddings are kept (interpolated to the in-plane patch grid as
     SigLIP's ``interpolate_pos_encoding`` does); a depth embedding, zero at initialisation, is added,
     and the :class:`LesionStem`'s output where the configuration has one (``stem_channels``).
+
+    The kernel is kept as a ``Conv3d`` (its weights, and the checkpoints' names for them, are a
+    convolution's) but applied as what a convolution whose stride equals its kernel is: one matrix
+    product over the volume cut into tubelets. On the CPU its forward and backward take a sixth of
+    the convolution's time (``docs/benchmarks.md``).
     """
 
     def __init__(self, config: Brain3DConfig, patch_embedding: nn.Conv2d, position_embedding: nn.Embedding):
@@ -217,10 +222,22 @@ class TubeletEmbedding(nn.Module):
             )[0].permute(1, 2, 0)
         return grid.reshape(height * width, -1)
 
+    def tubelet_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``self.patch`` applied to ``(B, 1, D, H, W)``: ``(B, d * h * w, width)``, each token the
+        kernel's product with its ``t x p x p`` tubelet, in (d, h, w) row-major order."""
+        depth, height, width = self.token_grid
+        t, p, q = self.patch.kernel_size
+        tubelets = (
+            volumes.reshape(volumes.shape[0], depth, t, height, p, width, q)
+            .permute(0, 1, 3, 5, 2, 4, 6)
+            .reshape(volumes.shape[0], depth * height * width, t * p * q)
+        )
+        return F.linear(tubelets, self.patch.weight.flatten(1), self.patch.bias)
+
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` -> ``(B, d * h * w, width)``, tokens in (d, h, w) row-major order."""
         volumes = volumes.to(self.patch.weight.dtype)
-        tokens = self.patch(volumes).flatten(2).transpose(1, 2)
+        tokens = self.tubelet_tokens(volumes)
         if self.stem is not None:
             tokens = tokens + self.stem(volumes)
         positions = self.depth_position[:, None, :] + self.plane_positions()[None, :, :]

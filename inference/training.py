@@ -824,6 +824,21 @@ def _require_lesion_masks(data: TrainingData) -> None:
         )
 
 
+def set_stage_trainable(model: Brain3D, stage: str, vision_in_lm: bool) -> dict[str, int]:
+    """What ``stage`` trains (:meth:`Brain3D.set_trainable`) and, with ``vision_in_lm``, the encoder
+    too in a language stage where it has no pretrained weights; returns the parameter counts."""
+    counts = model.set_trainable(stage)
+    if stage in LM_STAGES and vision_in_lm and not model.config.pretrained_vision:
+        for group, members in model.parameter_groups().items():
+            if group in VISION_GROUPS:
+                for _, parameter in members:
+                    parameter.requires_grad_(True)
+        counts["vision_in_lm_stage"] = sum(
+            p.numel() for g, m in model.parameter_groups().items() if g in VISION_GROUPS for _, p in m
+        )
+    return counts
+
+
 def train_model_stage(
     model: Brain3D,
     stage: str,
@@ -847,15 +862,7 @@ def train_model_stage(
             "the contrastive stage needs a micro-batch of at least 2: the other studies of a batch "
             "are its negatives, and gradient accumulation does not add any"
         )
-    counts = model.set_trainable(stage)
-    if stage in LM_STAGES and vision_in_lm and not model.config.pretrained_vision:
-        for group, members in model.parameter_groups().items():
-            if group in VISION_GROUPS:
-                for _, parameter in members:
-                    parameter.requires_grad_(True)
-        counts["vision_in_lm_stage"] = sum(
-            p.numel() for g, m in model.parameter_groups().items() if g in VISION_GROUPS for _, p in m
-        )
+    counts = set_stage_trainable(model, stage, vision_in_lm)
     device = model.device
     modules: list[torch.nn.Module] = [model]
     grounding = None

@@ -53,6 +53,20 @@ def test_tubelet_kernel_is_the_channel_sum_repeated_over_depth_and_divided_by_it
     assert model.vision.embeddings.patch.stride[0] == config.tubelet_depth
 
 
+@pytest.mark.parametrize("input_grid", [[8, 16, 16], [8, 24, 32]], ids=["square", "wider-than-tall"])
+def test_tubelet_tokens_are_the_strided_convolution_in_token_order(input_grid: list[int]) -> None:
+    """The matrix product over tubelets equals the convolution it stands for, token for token: a
+    random kernel (no symmetry across depth, rows or columns) on a random volume."""
+    config = tiny_config(input_grid=input_grid)
+    embeddings = _model_with_2d_twin(config)[0].vision.embeddings
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        embeddings.patch.weight.copy_(torch.randn(embeddings.patch.weight.shape, generator=generator))
+        volume = torch.rand(2, 1, *input_grid, generator=generator)
+        convolved = embeddings.patch(volume).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(embeddings.tubelet_tokens(volume), convolved, atol=1e-4, rtol=1e-5)
+
+
 def test_the_lesion_stem_leaves_the_inflated_encoder_unchanged_at_initialisation() -> None:
     config = tiny_config(stem_channels=4)
     model, _ = _model_with_2d_twin(config)
