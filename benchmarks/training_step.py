@@ -2,7 +2,7 @@
 
 The step of stage 2b (``lora``) as the demo recipe runs it: micro-batch 16, the encoder trained
 with the decoder (``vision_in_lm``), the report loss, backward, gradient clipping and AdamW. About
-three quarters of the demo's training time is such steps (``docs/results.md``). Two variants of the
+two thirds of the demo's training time is such steps (``docs/results.md``). Two variants of the
 same model, alternated round by round in one process so that they share the machine's state:
 
 - *matrix product* (as shipped): ``TubeletEmbedding.tubelet_tokens``, the volume cut into
@@ -24,6 +24,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.rounds * args.steps < 2:
+        parser.error("--rounds times --steps must give each variant at least 2 timed steps")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -84,14 +87,18 @@ def main() -> None:
     config = variants["matrix product (shipped)"].config
     volumes = torch.rand(args.micro_batch, 1, *config.input_grid, generator=torch.Generator().manual_seed(0))
     reports = _reports(args.micro_batch, seed=0)
-    steps: dict[str, object] = {}
+    steps: dict[str, Callable[[], None]] = {}
     for name, model in variants.items():
         training.set_stage_trainable(model, "lora", vision_in_lm=True)
         model.train()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=1e-5)
 
-        def step(model: Brain3D = model, parameters: list = parameters, optimizer=optimizer) -> None:
+        def step(
+            model: Brain3D = model,
+            parameters: list[torch.nn.Parameter] = parameters,
+            optimizer: torch.optim.Optimizer = optimizer,
+        ) -> None:
             optimizer.zero_grad(set_to_none=True)
             model.language_modeling_loss(volumes, reports).backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -104,7 +111,7 @@ def main() -> None:
         for name, step in steps.items():
             for _ in range(args.steps):
                 start = time.perf_counter()
-                step()  # type: ignore[operator]
+                step()
                 seconds[name].append(time.perf_counter() - start)
 
     shipped = statistics.median(seconds["matrix product (shipped)"])
