@@ -66,6 +66,22 @@ def _strided_convolution(model: Brain3D) -> None:
     embeddings.tubelet_tokens = lambda volumes: embeddings.patch(volumes).flatten(2).transpose(1, 2)
 
 
+def _language_step(model: Brain3D, volumes: torch.Tensor, reports: list[str]) -> Callable[[], None]:
+    """One optimiser step of stage 2b as the demo recipe trains it, encoder included."""
+    training.set_stage_trainable(model, "lora", vision_in_lm=True)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.language_modeling_loss(volumes, reports).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,25 +103,9 @@ def main() -> None:
     config = variants["matrix product (shipped)"].config
     volumes = torch.rand(args.micro_batch, 1, *config.input_grid, generator=torch.Generator().manual_seed(0))
     reports = _reports(args.micro_batch, seed=0)
-    steps: dict[str, Callable[[], None]] = {}
-    for name, model in variants.items():
-        training.set_stage_trainable(model, "lora", vision_in_lm=True)
-        model.train()
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=1e-5)
-
-        def step(
-            model: Brain3D = model,
-            parameters: list[torch.nn.Parameter] = parameters,
-            optimizer: torch.optim.Optimizer = optimizer,
-        ) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            model.language_modeling_loss(volumes, reports).backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-
+    steps = {name: _language_step(model, volumes, reports) for name, model in variants.items()}
+    for step in steps.values():
         step()  # warm-up
-        steps[name] = step
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, step in steps.items():

@@ -829,13 +829,11 @@ def set_stage_trainable(model: Brain3D, stage: str, vision_in_lm: bool) -> dict[
     too in a language stage where it has no pretrained weights; returns the parameter counts."""
     counts = model.set_trainable(stage)
     if stage in LM_STAGES and vision_in_lm and not model.config.pretrained_vision:
-        for group, members in model.parameter_groups().items():
-            if group in VISION_GROUPS:
-                for _, parameter in members:
-                    parameter.requires_grad_(True)
-        counts["vision_in_lm_stage"] = sum(
-            p.numel() for g, m in model.parameter_groups().items() if g in VISION_GROUPS for _, p in m
-        )
+        groups = model.parameter_groups()
+        vision = [p for group in VISION_GROUPS for _, p in groups.get(group, [])]
+        for parameter in vision:
+            parameter.requires_grad_(True)
+        counts["vision_in_lm_stage"] = sum(p.numel() for p in vision)
     return counts
 
 
