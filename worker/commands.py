@@ -126,7 +126,8 @@ def retry(
 
 @jobs_app.command("reconcile")
 def reconcile_command(config: ConfigOption = None) -> None:
-    """Re-enqueue, once, jobs SQL holds as queued or running with a stale heartbeat."""
+    """Re-enqueue, once, jobs SQL holds as queued or running with a stale heartbeat, whose
+    queue holds no message (a backlog waits; it is not lost)."""
     settings = settings_or_exit(config)
     resent = reconcile_once(configure(settings), create_app(settings))
     typer.echo(f"re-enqueued {len(resent)} job(s)" + (f": {', '.join(map(str, resent))}" if resent else ""))

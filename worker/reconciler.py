@@ -4,15 +4,23 @@ Redis may restart with its queue gone; kombu's SQL and filesystem transports nev
 redeliver a message once fetched. Every ``reconcile_every_s`` the reconciler finds jobs
 SQL holds as queued, or running without a fresh heartbeat, and sends the task of the
 stage each must resume. Tasks re-check SQL, so a job re-sent twice still runs once.
+
+A job that only waits is not lost: while the queue of its next task holds messages (a
+backlog behind a busy worker), or while this worker holds its message (reserved while the
+pool's child still loads the model), it is left alone. A lost job is re-sent once its queue
+has drained.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Collection
 from datetime import timedelta
 
 from celery import Celery
+from celery.worker import state as worker_state
+from kombu.exceptions import ChannelError
 from sqlalchemy import or_, update
 
 from dicom_node.audit import Outcome
@@ -32,17 +40,46 @@ STEP_TASKS = {
 }
 
 
-def reconcile_once(runtime: Runtime, app: Celery) -> list[int]:
-    """Re-send every stale job's next task; returns the job ids re-sent.
+def messages_waiting(app: Celery, queue: str) -> int:
+    """How many messages ``queue`` holds that no worker has taken yet (none if it does not exist)."""
+    with app.connection_for_read() as connection:
+        try:
+            return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
+        except ChannelError:  # Redis keeps no key for an empty queue
+            return 0
 
-    A stale job still converting goes back to ``queued`` and gets a new ``run_job``; a job
-    in a later stage gets its heartbeat dated now and the task of that stage. Each UPDATE
-    re-checks staleness, so a job that just came alive is left alone.
+
+def jobs_held_by_this_worker() -> set[int]:
+    """Jobs whose task message this worker process has taken and not finished: reserved,
+    running, or waiting for a countdown (Celery's own record, as ``celery inspect`` reads it)."""
+    requests = [*worker_state.reserved_requests, *worker_state.scheduled_requests]
+    return {int(r.args[0]) for r in requests if r.task_name in STEP_TASKS.values() and r.args}
+
+
+def reconcile_once(
+    runtime: Runtime, app: Celery, held: Callable[[], Collection[int]] = frozenset
+) -> list[int]:
+    """Re-send every lost job's next task; returns the job ids re-sent.
+
+    A job is lost when SQL holds it stale (:func:`~worker.jobs.stale_jobs`), no message waits
+    in its next task's queue, and ``held()`` (the jobs the calling worker holds, asked after
+    the broker, so that a message taken in between is seen) does not name it. A lost job still
+    converting goes back to ``queued`` and gets a new ``run_job``; one in a later stage gets
+    its heartbeat dated now and the task of that stage. Each UPDATE re-checks staleness, so a
+    job that just came alive is left alone.
     """
     book = JobBook(runtime)
     stale_before = utcnow() - timedelta(seconds=runtime.settings.worker.stale_after_s)
+    stale = [(job_id, step, STEP_TASKS[step]) for job_id, step in stale_jobs(runtime)]
+    idle_queues = {
+        queue for queue in {TASK_QUEUES[task] for *_, task in stale} if not messages_waiting(app, queue)
+    }
+    held_jobs = held() if stale else frozenset()
     resent = []
-    for job_id, step in stale_jobs(runtime):
+    for job_id, step, task in stale:
+        if job_id in held_jobs or TASK_QUEUES[task] not in idle_queues:
+            logger.debug("job %s stale at %s but not lost: its message is queued or held", job_id, step.value)
+            continue
         now = utcnow()
         if step is Step.CONVERT:
             values = {"state": JobState.QUEUED, "queued_at": now}
@@ -61,12 +98,11 @@ def reconcile_once(runtime: Runtime, app: Celery) -> list[int]:
                 update(Job).where(Job.id == job_id, still_stale).values(**values)
             ).rowcount:
                 continue
-        task = STEP_TASKS[step]
         app.send_task(task, args=[job_id], queue=TASK_QUEUES[task])
         book.event(
             book.get(job_id), "job-requeued", Outcome.MINOR_FAILURE, {"step": step.value, "task": task}
         )
-        logger.warning("job %s re-enqueued at %s: queued or heartbeat stale", job_id, step.value)
+        logger.warning("job %s re-enqueued at %s: stale, and no message queued or held", job_id, step.value)
         resent.append(job_id)
     return resent
 
@@ -83,7 +119,7 @@ class Reconciler(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.runtime.settings.worker.reconcile_every_s):
             try:
-                reconcile_once(self.runtime, self.app)
+                reconcile_once(self.runtime, self.app, jobs_held_by_this_worker)
             except Exception:  # the next round tries again; the database may be restarting
                 logger.exception("reconciliation round failed")
 

@@ -12,7 +12,7 @@ from dicom_node.config import load_settings
 from dicom_node.db import AuditEvent, Job, JobState, Series, StructuredReport, Study
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
-from worker.app import CPU_QUEUE, GPU_QUEUE, create_app
+from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
 from worker.jobs import JobBook, Step, stale_jobs
 from worker.reconciler import reconcile_once
 from worker.reports import MEASUREMENT_KIND, NARRATIVE_KIND, NOT_ANALYSED_KIND, InvalidReportError, reports_of
@@ -169,6 +169,37 @@ def test_reconciler_resends_each_stale_job_once_per_period(runtime):
         cpu.close()
         gpu.close()
     assert sent == {("brain3d.run_job", f"[{lost}]"), ("brain3d.infer", f"[{dead}]")}
+
+
+def _requeued_events(runtime: Runtime, job_id: int) -> int:
+    with runtime.database.session() as session:
+        events = session.query(AuditEvent).filter_by(job_id=job_id, event_type="job-requeued")
+        return events.count()
+
+
+@pytest.mark.parametrize("broker", ["sqlite-transport", "redis"])
+def test_a_stale_job_is_resent_only_when_no_message_waits_for_it(runtime, broker, request):
+    """A stale job behind a backlog, or held by the worker, is waiting, not lost."""
+    if broker == "redis":
+        queue = runtime.settings.queue.model_copy(update={"broker_url": request.getfixturevalue("redis_url")})
+        runtime = Runtime(runtime.settings.model_copy(update={"queue": queue}))
+    old = utcnow() - timedelta(seconds=120)
+    behind_backlog = _job(runtime, queued_at=old)
+    held_by_worker = _job(runtime, queued_at=old)
+    lost_in_inference = _job(runtime, state=JobState.RUNNING, heartbeat_at=old, conversion_finished_at=old)
+    app = create_app(runtime.settings)
+    app.send_task(RUN_JOB_TASK, args=[_job(runtime)], queue=CPU_QUEUE)  # a fresh job's message waits
+
+    # The CPU queue holds a message: the queued jobs may be behind it. The GPU queue is empty.
+    assert reconcile_once(runtime, app, held=lambda: {held_by_worker}) == [lost_in_inference]
+    with Connection(runtime.settings.queue.broker_url) as connection:
+        cpu = connection.SimpleQueue(CPU_QUEUE)
+        cpu.get(timeout=2).ack()  # a worker takes the backlog
+        cpu.close()
+    assert reconcile_once(runtime, app, held=lambda: {held_by_worker}) == [behind_backlog]
+    assert reconcile_once(runtime, app) == [], "the re-sent message waits in the queue"
+    counts = [_requeued_events(runtime, job) for job in (behind_backlog, held_by_worker, lost_in_inference)]
+    assert counts == [1, 0, 1], "only what was lost is audited as re-enqueued"
 
 
 def test_a_retried_job_delivers_only_the_srs_of_its_current_outcome(runtime):

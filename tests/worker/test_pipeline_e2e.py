@@ -34,6 +34,7 @@ from serve_harness import storescu, wait_for
 from sqlalchemy import select
 
 from dicom_node.db import AuditEvent, Delivery, JobState, Series, StructuredReport
+from dicom_node.db.models import utcnow
 from dicom_node.sr import AI_DISCLAIMER, DEMO_DISCLAIMER, read_coded_findings, read_narrative
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Side, parse
@@ -202,13 +203,42 @@ def test_a_study_comes_back_as_two_valid_srs_in_orthanc(redis_environment, ortha
         events = _events(environment, job.id)
         steps = ["job-started", "conversion", "inference", "reports-built", "110106", "job-succeeded"]
         assert _in_order([event_type or event_id for event_id, event_type, _ in events], steps)
-        assert all(outcome == 0 for _, _, outcome in events), "every step succeeded, first time"
+        assert all(outcome == 0 for _, _, outcome in events), f"every step succeeded, first time: {events}"
         pid = str(worker.process.pid)
         worker.stop()
         assert _worker_activity(environment) == [("110120", pid), ("110121", pid)], "start and stop audited"
         _audit_verifies(environment)
     finally:
         worker.stop()
+        node.stop()
+
+
+def test_a_study_that_waits_for_a_starting_worker_runs_once_and_is_not_called_lost(
+    redis_environment, tmp_path
+):
+    """Queued while no worker runs, then held by a worker whose child still loads the model: the
+    reconciler (here every 0.2 s) must see a job that waits, not one the broker lost."""
+    environment = redis_environment
+    environment.extra["BRAIN3D_WORKER__RECONCILE_EVERY_S"] = "0.2"
+    stale_after_s = float(environment.env()["BRAIN3D_WORKER__STALE_AFTER_S"])
+    study = write_study(tmp_path / "study", lateral_case(Side.RIGHT, seed=20), seed=21)
+    node = start_node(environment)
+    worker = None
+    try:
+        storescu(environment.node_port, study.flair)
+        database = environment.database()
+        queued = wait_for(
+            lambda: (job := latest_job(database, study.uid())) is not None and job.queued_at, 30
+        )
+        time.sleep(max(0.0, stale_after_s + 1 - (utcnow() - queued).total_seconds()))
+        worker = start_worker(environment)
+        job = wait_for_final_job(database, study.uid(), timeout_s=180)
+        assert job.state == JobState.SUCCEEDED, job.error_reason
+        events = [event_type for _, event_type, _ in _events(environment, job.id)]
+        assert "job-requeued" not in events and events.count("job-started") == 1, events
+    finally:
+        if worker is not None:
+            worker.stop()
         node.stop()
 
 
