@@ -51,8 +51,11 @@ def messages_waiting(app: Celery, queue: str) -> int:
 
 def jobs_held_by_this_worker() -> set[int]:
     """Jobs whose task message this worker process has taken and not finished: reserved,
-    running, or waiting for a countdown (Celery's own record, as ``celery inspect`` reads it)."""
-    requests = [*worker_state.reserved_requests, *worker_state.scheduled_requests]
+    running, or waiting for a countdown (Celery's own record, as ``celery inspect`` reads it).
+
+    The record is a dict the consumer thread changes; ``dict.copy`` takes it whole, where
+    iterating it from this thread could see it change size."""
+    requests = worker_state.requests.copy().values()
     return {int(r.args[0]) for r in requests if r.task_name in STEP_TASKS.values() and r.args}
 
 
