@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 
 from dicom_node.audit import Action, EventID, Outcome
 from dicom_node.db import Database, Job, JobState, Series
@@ -204,24 +204,28 @@ class JobBook:
             thread.join()
 
 
+def queued_before(moment: datetime) -> ColumnElement[bool]:
+    """Queued since before ``moment``: handed to the broker then, or, never handed (a node that
+    stopped between committing the job and sending its message), created then. A job the node
+    is sending right now is not yet stale."""
+    return (Job.state == JobState.QUEUED) & (func.coalesce(Job.queued_at, Job.created_at) < moment)
+
+
+def silent_since(moment: datetime) -> ColumnElement[bool]:
+    """Running without a heartbeat since before ``moment``."""
+    return (Job.state == JobState.RUNNING) & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < moment)
+
+
 def stale_jobs(runtime: Runtime, now: datetime | None = None) -> list[tuple[int, Step]]:
     """Jobs SQL holds as queued, or running without a recent heartbeat, with the step to resume.
 
-    A queued job counts once its hand-off is older than ``stale_after_s``: its message may
+    A queued job counts once it has waited longer than ``stale_after_s``: its message may
     have been lost by the broker (Redis restarted, or kombu's SQL transport fetched and lost it).
     """
     now = now or utcnow()
     stale = now - timedelta(seconds=runtime.settings.worker.stale_after_s)
     with runtime.database.session() as session:
-        jobs = session.scalars(
-            select(Job).where(
-                or_(
-                    (Job.state == JobState.QUEUED) & or_(Job.queued_at.is_(None), Job.queued_at < stale),
-                    (Job.state == JobState.RUNNING)
-                    & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-                )
-            )
-        ).all()
+        jobs = session.scalars(select(Job).where(or_(queued_before(stale), silent_since(stale)))).all()
         return [(job.id, Step.CONVERT if job.state == JobState.QUEUED else next_step(job)) for job in jobs]
 
 

@@ -27,7 +27,7 @@ from dicom_node.audit import Outcome
 from dicom_node.db import Job, JobState
 from dicom_node.db.models import utcnow
 from worker.app import BUILD_REPORTS_TASK, DELIVER_TASK, INFER_TASK, RUN_JOB_TASK, TASK_QUEUES
-from worker.jobs import JobBook, Step, stale_jobs
+from worker.jobs import JobBook, Step, queued_before, silent_since, stale_jobs
 from worker.runtime import Runtime
 
 logger = logging.getLogger("brain3d.reconciler")
@@ -86,16 +86,10 @@ def reconcile_once(
         now = utcnow()
         if step is Step.CONVERT:
             values = {"state": JobState.QUEUED, "queued_at": now}
-            still_stale = or_(
-                (Job.state == JobState.QUEUED) & or_(Job.queued_at.is_(None), Job.queued_at < stale_before),
-                (Job.state == JobState.RUNNING)
-                & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before),
-            )
+            still_stale = or_(queued_before(stale_before), silent_since(stale_before))
         else:
             values = {"heartbeat_at": now}
-            still_stale = (Job.state == JobState.RUNNING) & or_(
-                Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before
-            )
+            still_stale = silent_since(stale_before)
         with runtime.database.session() as session:
             if not session.execute(
                 update(Job).where(Job.id == job_id, still_stale).values(**values)

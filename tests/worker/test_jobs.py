@@ -142,14 +142,18 @@ def test_stale_jobs_resume_at_their_next_step(runtime):
         runtime, state=JobState.RUNNING, heartbeat_at=old, conversion_started_at=old, delivery_started_at=old
     )
     finished = _job(runtime, state=JobState.SUCCEEDED, heartbeat_at=old)
+    # Committed without queued_at: the node is sending its message now, or stopped before it did.
+    being_sent = _job(runtime, queued_at=None)
+    never_sent = _job(runtime, queued_at=None, created_at=old)
     found = dict(stale_jobs(runtime))
     assert found == {
         lost_queued: Step.CONVERT,
+        never_sent: Step.CONVERT,
         dead_in_inference: Step.INFER,
         dead_in_delivery: Step.DELIVER,
         dead_in_not_analysed_delivery: Step.DELIVER,
     }
-    assert fresh_running not in found and finished not in found
+    assert fresh_running not in found and finished not in found and being_sent not in found
 
 
 def test_reconciler_resends_each_stale_job_once_per_period(runtime):
