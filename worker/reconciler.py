@@ -40,13 +40,17 @@ STEP_TASKS = {
 }
 
 
-def messages_waiting(app: Celery, queue: str) -> int:
-    """How many messages ``queue`` holds that no worker has taken yet (none if it does not exist)."""
+def queues_with_messages(app: Celery, queues: Collection[str]) -> set[str]:
+    """Those of ``queues`` that hold messages no worker has taken yet, asked over one connection."""
+    busy = set()
     with app.connection_for_read() as connection:
-        try:
-            return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
-        except ChannelError:  # Redis keeps no key for an empty queue
-            return 0
+        for queue in queues:
+            try:
+                if connection.default_channel.queue_declare(queue=queue, passive=True).message_count:
+                    busy.add(queue)
+            except ChannelError:  # Redis keeps no key for an empty queue
+                pass
+    return busy
 
 
 def jobs_held_by_this_worker() -> set[int]:
@@ -73,14 +77,16 @@ def reconcile_once(
     """
     book = JobBook(runtime)
     stale_before = utcnow() - timedelta(seconds=runtime.settings.worker.stale_after_s)
-    stale = [(job_id, step, STEP_TASKS[step]) for job_id, step in stale_jobs(runtime)]
-    idle_queues = {
-        queue for queue in {TASK_QUEUES[task] for *_, task in stale} if not messages_waiting(app, queue)
-    }
-    held_jobs = held() if stale else frozenset()
+    stale = stale_jobs(runtime)
+    if not stale:
+        return []
+    busy_queues = queues_with_messages(app, {TASK_QUEUES[STEP_TASKS[step]] for _, step in stale})
+    held_jobs = held()
     resent = []
-    for job_id, step, task in stale:
-        if job_id in held_jobs or TASK_QUEUES[task] not in idle_queues:
+    for job_id, step in stale:
+        task = STEP_TASKS[step]
+        queue = TASK_QUEUES[task]
+        if job_id in held_jobs or queue in busy_queues:
             logger.debug("job %s stale at %s but not lost: its message is queued or held", job_id, step.value)
             continue
         now = utcnow()
@@ -95,7 +101,7 @@ def reconcile_once(
                 update(Job).where(Job.id == job_id, still_stale).values(**values)
             ).rowcount:
                 continue
-        app.send_task(task, args=[job_id], queue=TASK_QUEUES[task])
+        app.send_task(task, args=[job_id], queue=queue)
         book.event(
             book.get(job_id), "job-requeued", Outcome.MINOR_FAILURE, {"step": step.value, "task": task}
         )
