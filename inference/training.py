@@ -740,8 +740,9 @@ class LesionGrounding(_ForwardOutputLoss):
     Why: a report says in one sentence what a mask shows voxel by voxel. A lesion without edema is
     faint in FLAIR and a few hundred voxels, and its report differs from a control's by that one
     sentence, which the report losses alone did not teach the demo encoder to see. Nor did this loss,
-    at weight 1 or as the only objective (``docs/results.md``): such lesions are about as bright as
-    cortex at any grid, and the demo encoder is the limit there. It is meant for a larger encoder,
+    at weight 1, as the only objective, or beside the lesion stem at weights 1 and 3, where it cost the
+    lobe (``docs/results.md``): such lesions are about as bright as cortex at any grid, and the demo
+    encoder is the limit there. It is meant for a larger encoder,
     and BraTS provides the masks too (its segmentation labels)."""
 
     def __init__(self, model: Brain3D, weight: float) -> None:
