@@ -216,16 +216,24 @@ def silent_since(moment: datetime) -> ColumnElement[bool]:
     return (Job.state == JobState.RUNNING) & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < moment)
 
 
+def stale_since(moment: datetime) -> ColumnElement[bool]:
+    """Queued since before ``moment``, or running without a heartbeat since then."""
+    return or_(queued_before(moment), silent_since(moment))
+
+
+def stale_cutoff(runtime: Runtime, now: datetime | None = None) -> datetime:
+    """The moment ``stale_after_s`` before ``now`` (default: the present)."""
+    return (now or utcnow()) - timedelta(seconds=runtime.settings.worker.stale_after_s)
+
+
 def stale_jobs(runtime: Runtime, now: datetime | None = None) -> list[tuple[int, Step]]:
     """Jobs SQL holds as queued, or running without a recent heartbeat, with the step to resume.
 
     A queued job counts once it has waited longer than ``stale_after_s``: its message may
     have been lost by the broker (Redis restarted, or kombu's SQL transport fetched and lost it).
     """
-    now = now or utcnow()
-    stale = now - timedelta(seconds=runtime.settings.worker.stale_after_s)
     with runtime.database.session() as session:
-        jobs = session.scalars(select(Job).where(or_(queued_before(stale), silent_since(stale)))).all()
+        jobs = session.scalars(select(Job).where(stale_since(stale_cutoff(runtime, now)))).all()
         return [(job.id, Step.CONVERT if job.state == JobState.QUEUED else next_step(job)) for job in jobs]
 
 

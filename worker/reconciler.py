@@ -16,18 +16,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection
-from datetime import timedelta
 
 from celery import Celery
 from celery.worker import state as worker_state
 from kombu.exceptions import ChannelError
-from sqlalchemy import or_, update
+from sqlalchemy import update
 
 from dicom_node.audit import Outcome
 from dicom_node.db import Job, JobState
 from dicom_node.db.models import utcnow
 from worker.app import BUILD_REPORTS_TASK, DELIVER_TASK, INFER_TASK, RUN_JOB_TASK, TASK_QUEUES
-from worker.jobs import JobBook, Step, queued_before, silent_since, stale_jobs
+from worker.jobs import JobBook, Step, silent_since, stale_cutoff, stale_jobs, stale_since
 from worker.runtime import Runtime
 
 logger = logging.getLogger("brain3d.reconciler")
@@ -76,8 +75,9 @@ def reconcile_once(
     job that just came alive is left alone.
     """
     book = JobBook(runtime)
-    stale_before = utcnow() - timedelta(seconds=runtime.settings.worker.stale_after_s)
-    stale = stale_jobs(runtime)
+    started = utcnow()
+    stale_before = stale_cutoff(runtime, started)
+    stale = stale_jobs(runtime, started)
     if not stale:
         return []
     busy_queues = queues_with_messages(app, {TASK_QUEUES[STEP_TASKS[step]] for _, step in stale})
@@ -92,7 +92,7 @@ def reconcile_once(
         now = utcnow()
         if step is Step.CONVERT:
             values = {"state": JobState.QUEUED, "queued_at": now}
-            still_stale = or_(queued_before(stale_before), silent_since(stale_before))
+            still_stale = stale_since(stale_before)
         else:
             values = {"heartbeat_at": now}
             still_stale = silent_since(stale_before)
