@@ -55,8 +55,11 @@ from sqlalchemy import create_engine, select, text  # noqa: E402
 
 from dicom_node.config import CompletionSettings  # noqa: E402
 from dicom_node.db import Database, JobState  # noqa: E402
-from dicom_node.db.models import AuditEvent, StructuredReport  # noqa: E402
-from dicom_node.ingest import as_utc  # noqa: E402
+from dicom_node.db.models import (  # noqa: E402
+    AuditEvent,
+    StructuredReport,
+    as_utc,
+)
 from worker.jobs import wait_for_final_job  # noqa: E402
 
 DEMO_CHECKPOINT = REPO / "inference" / "checkpoints" / "demo"

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_node.db.models import AuditEvent, Delivery, Instance, Job, Series, Study
+from dicom_node.db.models import AuditEvent, Delivery, Instance, Job, Series, Study, as_utc
 
 #: The steps of a job in order, each as (name, start column, end column).
 JOB_STEPS: tuple[tuple[str, str, str], ...] = (
@@ -42,10 +42,7 @@ JOB_TIMESTAMPS: tuple[str, ...] = (
 
 
 def _utc(moment: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; every time the node stores is UTC."""
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return None if moment is None else as_utc(moment)
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, insert, select, text
 
-from dicom_node.db.models import AuditEvent
+from dicom_node.db.models import AuditEvent, as_utc
 
 if TYPE_CHECKING:
     from dicom_node.config import DatabaseSettings, Settings
@@ -195,9 +195,7 @@ def canonical_json(value: Any) -> str:
 
 def format_utc(moment: datetime) -> str:
     """ISO 8601 in UTC with microseconds and a ``Z``; naive datetimes are taken as UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def chain_hash(key: bytes, previous_hash: str, document: str) -> str:

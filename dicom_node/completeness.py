@@ -25,10 +25,10 @@ from sqlalchemy import func, insert, select, update
 
 from dicom_node.audit import AuditTrail, EventID, Outcome
 from dicom_node.config import CompletionSettings, RoutingSettings
-from dicom_node.db.models import Instance, Job, JobState, Series, SeriesState
+from dicom_node.db.models import Instance, Job, JobState, Series, SeriesState, as_utc
 from dicom_node.db.session import Database
 from dicom_node.handoff import HandOff
-from dicom_node.ingest import Batch, Ingest, InstanceRecorded, as_utc
+from dicom_node.ingest import Batch, Ingest, InstanceRecorded
 from dicom_node.routing import RoutingDecision, route_series
 
 log = logging.getLogger(__name__)

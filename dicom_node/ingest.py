@@ -91,31 +91,32 @@ _HEADER_TAGS: list[BaseTag | int] = [_SPECIFIC_CHARACTER_SET, *_HEADER_FIELDS]
 _TEXT_DELIMITERS = {0x5C}  # backslash, between values
 
 
+_IS_RANGE = (-(2**31), 2**31 - 1)  # PS3.5 6.2
+_UID_LENGTH = 64  # PS3.5 6.2, and the columns UIDs go to
+
+
 class MalformedDatasetError(ValueError):
     """A received dataset whose header cannot be read or lacks the identifying UIDs."""
 
 
 def _decode_integer(raw: bytes, vr: str, little_endian: bool) -> int | None:
-    """An IS (text) or US/UL (binary) value; None when empty, multi-valued or not a number."""
+    """An IS (text) or US/UL (binary) value; None when empty, multi-valued, not a number, or
+    outside IS's range (the 32-bit columns it goes to, which PostgreSQL enforces)."""
     if vr in ("US", "UL"):
         width = 2 if vr == "US" else 4
         if len(raw) != width:
             return None
-        return int.from_bytes(raw, "little" if little_endian else "big")
-    text = raw.decode("latin-1").strip(" \0")
-    try:
-        return int(text)
-    except ValueError:
+        number = int.from_bytes(raw, "little" if little_endian else "big")
+    else:
+        text = raw.decode("latin-1").strip(" \0")
         try:
-            number = float(text)  # IS values such as "12.0" from some writers
+            number = float(text)  # also IS values such as "12.0" from some writers
         except ValueError:
             return None
-        return int(number) if number.is_integer() else None
-
-
-def as_utc(moment: datetime) -> datetime:
-    """SQLite returns naive datetimes; every time this node stores is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        if not number.is_integer():
+            return None
+        number = int(text) if text.lstrip("+-").isdigit() else int(number)
+    return number if _IS_RANGE[0] <= number <= _IS_RANGE[1] else None
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,12 @@ def read_headers(dataset_bytes: bytes, transfer_syntax: UID) -> InstanceHeaders:
         raise MalformedDatasetError(f"dataset header does not parse: {type(exc).__name__}: {exc}") from None
     if not (values.get("study_uid") and values.get("series_uid") and values.get("sop_instance_uid")):
         raise MalformedDatasetError("dataset lacks Study, Series or SOP Instance UID")
+    for keyword, name, kind in _HEADER_SPEC:
+        uid = values.get(name) if kind == "uid" else None
+        if isinstance(uid, str) and (len(uid) > _UID_LENGTH or not uid.isascii()):
+            raise MalformedDatasetError(
+                f"{keyword} is not a UID: over {_UID_LENGTH} characters, or not ASCII"
+            )
     return InstanceHeaders(**values)  # type: ignore[arg-type]
 
 
@@ -545,7 +552,7 @@ class Ingest:
             .values(
                 series_instance_uid=headers.series_uid,
                 study_id=study_id,
-                modality=headers.modality,
+                modality=headers.modality and headers.modality[:16],  # CS: 16 characters at most
                 series_number=headers.series_number,
                 series_description=(headers.series_description or None) and headers.series_description[:64],
                 expected_instances=expected,

@@ -15,9 +15,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select, update
 
 from dicom_node.audit import AuditTrail, EventID, Outcome
-from dicom_node.db.models import FINAL_JOB_STATES, Job, Series, SeriesState, Study
+from dicom_node.db.models import FINAL_JOB_STATES, Job, Series, SeriesState, Study, as_utc
 from dicom_node.db.session import Database
-from dicom_node.ingest import as_utc
 from dicom_node.spool import Spool
 
 log = logging.getLogger(__name__)

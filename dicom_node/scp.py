@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -45,7 +44,6 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class
 STATUS_CANNOT_UNDERSTAND = 0xC210  # pynetdicom's "unable to decode the dataset"
-STATUS_PROCESSING_FAILURE = 0xC211
 
 # Private and retired storage SOP classes forwarded by a PACS are accepted too: a
 # whole-study forward that gets one object rejected is a failed forward.
@@ -150,14 +148,25 @@ class SharedSocketAssociationServer(ThreadedAssociationServer):
         self.server_close()
 
 
+#: How long a closed connection's audit event waits for C-STOREs still being recorded.
+CLOSE_WAIT_S = 60.0
+
+
 @dataclass
 class AssociationLog:
-    """What one accepted association did, for its SQL row and its audit event."""
+    """What one accepted association did, for its SQL row and its audit event.
+
+    Two threads keep it: the association's, whose C-STORE handlers count into it, and
+    pynetdicom's transport thread, which reports the connection closed, after an abort possibly
+    while a C-STORE is still being recorded. ``busy`` counts those, so that the close waits for
+    them and its counts are final."""
 
     calling_ae: str
     address: str
     port: int
-    association_id: int | None = None
+    opened: Future[int]  # the association's SQL row, being inserted
+    busy: int = 0
+    idle: threading.Condition = field(default_factory=threading.Condition)
     stored: int = 0
     duplicate: int = 0
     conflicting: int = 0
@@ -165,6 +174,19 @@ class AssociationLog:
     out_of_resources_audited: bool = False
     studies: set[str] = field(default_factory=set)
     outcome: str = "aborted"  # until a release is seen
+
+    @property
+    def association_id(self) -> int | None:
+        """The SQL row's id, once inserted; None where the insert failed."""
+        try:
+            return self.opened.result()
+        except Exception:
+            return None
+
+    def done_storing(self) -> None:
+        with self.idle:
+            self.busy -= 1
+            self.idle.notify_all()
 
 
 class StorageSCP:
@@ -264,12 +286,15 @@ class StorageSCP:
         if not association.is_acceptor:
             return
         requestor = association.requestor
+        # Registered before its row is committed: a peer that aborts at once still gets its close.
         record = AssociationLog(
-            calling_ae=requestor.ae_title, address=requestor.address, port=int(requestor.port)
+            calling_ae=requestor.ae_title,
+            address=requestor.address,
+            port=int(requestor.port),
+            opened=self.ingest.open_association(
+                requestor.ae_title, self.node.ae_title, requestor.address, int(requestor.port)
+            ),
         )
-        record.association_id = self.ingest.open_association(
-            record.calling_ae, self.node.ae_title, record.address, record.port
-        ).result()
         with self._lock:
             self._associations[id(association)] = record
 
@@ -303,8 +328,12 @@ class StorageSCP:
     def _on_connection_closed(self, event: evt.Event) -> None:
         with self._lock:
             record = self._associations.pop(id(event.assoc), None)
-        if record is None or record.association_id is None:
+        if record is None:
             return
+        with record.idle:
+            if not record.idle.wait_for(lambda: record.busy == 0, timeout=CLOSE_WAIT_S):
+                log.error("association from %s closed with C-STOREs still unrecorded", record.calling_ae)
+        association_id = record.association_id
         if record.failed:
             outcome = (
                 Outcome.SERIOUS_FAILURE if not (record.stored or record.duplicate) else Outcome.MINOR_FAILURE
@@ -319,7 +348,7 @@ class StorageSCP:
             participants=self._participants(record.calling_ae, record.address),
             study_uid=studies[0] if len(studies) == 1 else None,
             detail={
-                "association_id": record.association_id,
+                "association_id": association_id,
                 "association_outcome": record.outcome,
                 "instances_stored": record.stored,
                 "instances_duplicate": record.duplicate,
@@ -328,16 +357,21 @@ class StorageSCP:
                 "studies": studies,
             },
         )
+        if association_id is None:
+            log.error(
+                "association from %s was never recorded in SQL (database unavailable)", record.calling_ae
+            )
+            return
         # The association row is closed last: whoever sees it closed also finds its audit event.
         try:
             self.ingest.close_association(
-                record.association_id, record.outcome, record.stored, record.duplicate, record.failed
+                association_id, record.outcome, record.stored, record.duplicate, record.failed
             ).result()
         except Exception:
-            log.exception("could not close association %d in SQL", record.association_id)
+            log.exception("could not close association %d in SQL", association_id)
         log.info(
             "association %d from %s %s: %d stored, %d duplicate, %d failed",
-            record.association_id,
+            association_id,
             record.calling_ae,
             record.outcome,
             record.stored,
@@ -369,9 +403,19 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         received_at = datetime.now(UTC)
-        association: Association = event.assoc
-        with self._lock:
-            record = self._associations.get(id(association))
+        with self._lock:  # counted busy under the lock its close pops it under
+            record = self._associations.get(id(event.assoc))
+            if record is not None:
+                with record.idle:
+                    record.busy += 1
+        try:
+            return self._store(event, record, received_at)
+        finally:
+            if record is not None:
+                record.done_storing()
+
+    def _store(self, event: evt.Event, record: AssociationLog | None, received_at: datetime) -> int:
+        """One C-STORE: refused, or durable in the spool and SQL, and counted in ``record``."""
         request = event.request
         sop_class = str(request.AffectedSOPClassUID)
         transfer_syntax = event.context.transfer_syntax
@@ -411,11 +455,10 @@ class StorageSCP:
             )
         except UnsafeUIDError as exc:
             return self._fail(record, str(exc), STATUS_DATASET_MISMATCH, request)
-        except OSError as exc:
-            log.error("spool write failed for %s: %s", headers.sop_instance_uid, exc)
-            if record is not None:
-                record.failed += 1
-            return STATUS_OUT_OF_RESOURCES
+        except OSError as exc:  # a full or failing disk: transient, so an SCU may send it again
+            return self._fail(
+                record, f"spool: {exc.strerror or type(exc).__name__}", STATUS_OUT_OF_RESOURCES, request
+            )
 
         try:
             outcome = self.ingest.record_instance(
@@ -425,9 +468,9 @@ class StorageSCP:
                 association_id=record.association_id if record else None,
                 received_at=received_at,
             ).result()
-        except Exception as exc:
+        except Exception as exc:  # transient too (a database restarting, a lock held): not C0xx
             log.exception("SQL record failed for %s", headers.sop_instance_uid)
-            return self._fail(record, f"database: {type(exc).__name__}", STATUS_PROCESSING_FAILURE, request)
+            return self._fail(record, f"database: {type(exc).__name__}", STATUS_OUT_OF_RESOURCES, request)
 
         if record is not None:
             record.studies.add(headers.study_uid)

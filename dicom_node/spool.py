@@ -102,15 +102,20 @@ def file_meta_bytes(
 
 def write_durably(path: Path, data: bytes) -> None:
     """Create ``path`` holding ``data`` and fsync it, in as few system calls as possible
-    (each one releases and re-takes the GIL, which costs most under concurrent associations)."""
+    (each one releases and re-takes the GIL, which costs most under concurrent associations).
+    A write that fails (a full disk) removes what it wrote: a partial file would keep it full."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def fsync_dir(path: Path) -> None:
@@ -249,19 +254,23 @@ class Spool:
 
         temporary = self.incoming / f"{os.getpid()}-{next(self._temporary_names)}.part"
         write_durably(temporary, file_meta + dataset)
-        with self._lock(series_uid):
-            # Re-check under the lock: another association may have stored the same UID meanwhile.
-            target, present = self._existing_match(folder, sop_uid, sha256)
-            if present:
-                os.unlink(temporary)
-            else:
-                self._make_series_dir(folder)
-                try:
-                    os.replace(temporary, target)
-                except FileNotFoundError:  # the folder was removed behind this process's back
-                    self._known_dirs.discard(folder)
+        try:
+            with self._lock(series_uid):
+                # Re-check under the lock: another association may have stored the same UID meanwhile.
+                target, present = self._existing_match(folder, sop_uid, sha256)
+                if present:
+                    os.unlink(temporary)
+                else:
                     self._make_series_dir(folder)
-                    os.replace(temporary, target)
+                    try:
+                        os.replace(temporary, target)
+                    except FileNotFoundError:  # the folder was removed behind this process's back
+                        self._known_dirs.discard(folder)
+                        self._make_series_dir(folder)
+                        os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)  # only cleared at start otherwise: it would fill the disk
+            raise
         fsync_dir(folder)
         if not present:
             self._count_stored(size)

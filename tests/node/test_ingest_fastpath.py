@@ -124,6 +124,21 @@ def test_header_scan_reads_integers_leniently_like_the_decoder() -> None:
     assert (headers.instance_number, headers.series_number, headers.images_in_acquisition) == (12, None, None)
 
 
+def test_header_scan_drops_integers_outside_is_range_and_refuses_overlong_uids() -> None:
+    """Values a scanner may send that no column of the node's database could hold: on PostgreSQL
+    they would fail the whole series' inserts."""
+    dataset = mr_series(1)[0]
+    dataset.InstanceNumber, dataset.SeriesNumber = 9991, 9992
+    data = _dataset_bytes(dataset, ExplicitVRLittleEndian)
+    data = data.replace(b"9991", b"9e12").replace(b"9992", b"-3e9")
+    headers = read_headers(data, ExplicitVRLittleEndian)
+    assert (headers.instance_number, headers.series_number) == (None, None)
+    for uid in ("1.2." + "9" * 61, "1.2.3.\u00e9"):  # 65 characters; not ASCII
+        dataset.SeriesInstanceUID = uid
+        with pytest.raises(MalformedDatasetError, match="SeriesInstanceUID is not a UID"):
+            read_headers(_dataset_bytes(dataset, ExplicitVRLittleEndian), ExplicitVRLittleEndian)
+
+
 @pytest.mark.parametrize(
     "sop_instance_uid",
     ["1.2.3", "1.2.34", "1.2.840.113619.2.55.3.604688119.868.1234567890.123"],  # odd and even lengths

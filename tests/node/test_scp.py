@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,81 @@ def test_low_disk_answers_out_of_resources_and_audits(tmp_path: Path) -> None:
         documents = wait_for(lambda: _audit_documents(node, "110104"))
         assert any(doc["detail"].get("status") == "0xA700" for doc in documents)
         assert not any((node.spool_dir).glob("*/*/*.dcm"))
+
+
+def test_a_database_failure_answers_out_of_resources_and_the_node_serves_on(tmp_path: Path) -> None:
+    """A write the database refuses is transient: 0xA700, which an SCU may send again, not a C0xx
+    "cannot understand"; audited; and once the database takes writes again the re-send is kept."""
+    series = mr_series(2)
+    with NodeProcess(tmp_path / "node") as node:
+        database = node.database()
+        with database.engine.begin() as connection:  # a real refusal, from SQLite itself
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON instances BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        assert _send(node.port, series[:1]) == [0xA700]
+        with database.engine.begin() as connection:
+            connection.exec_driver_sql("DROP TRIGGER refuse")
+        assert _send(node.port, series) == [0x0000, 0x0000]
+        failures = [
+            doc for doc in wait_for(lambda: _audit_documents(node, "110104")) if doc["detail"].get("reason")
+        ]
+        with database.session() as session:
+            stored = session.execute(select(Instance.sop_instance_uid)).scalars().all()
+        database.dispose()
+    assert len(failures) == 1 and failures[0]["detail"]["reason"].startswith("database: ")
+    assert failures[0]["detail"]["status"] == "0xA700"
+    assert failures[0]["detail"]["sop_instance_uid"] == series[0].SOPInstanceUID
+    assert sorted(stored) == sorted(ds.SOPInstanceUID for ds in series)
+
+
+def test_header_values_too_long_or_large_for_their_columns_are_kept_on_postgresql(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """PostgreSQL enforces column sizes where SQLite does not: a non-conformant Modality or
+    InstanceNumber must not refuse the instance (nor, through its series row, the whole series)."""
+    dataset = mr_series(1)[0]
+    dataset.Modality = "MR_FROM_AN_OLD_SCANNER"  # CS holds 16 characters
+    dataset.InstanceNumber = "99999999999"  # IS holds 32-bit integers
+    with NodeProcess(tmp_path / "node", database_url=postgres_url) as node:
+        assert _send(node.port, [dataset]) == [0x0000]
+        database = node.database()
+        with database.session() as session:
+            instance = session.execute(select(Instance)).scalar_one()
+            modality = instance.series.modality
+        database.dispose()
+    assert instance.sop_instance_uid == dataset.SOPInstanceUID and instance.instance_number is None
+    assert modality == "MR_FROM_AN_OLD_S"
+
+
+def test_an_association_aborted_while_its_store_is_recorded_is_audited_with_it(tmp_path: Path) -> None:
+    """The peer gives up while the database is slow (held locked here): its association row is
+    closed, and its one 110104 event counts the instance the node went on to keep."""
+    dataset = mr_series(1)[0]
+    with NodeProcess(tmp_path / "node") as node:
+        database_file = node.database_url.removeprefix("sqlite:///")
+        holder = sqlite3.connect(database_file, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # every write of the node now waits
+        ae = AE(ae_title="IMPATIENT")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        ae.dimse_timeout = 0.5  # then pynetdicom aborts the association
+        association = ae.associate("127.0.0.1", node.port, ae_title="BRAIN3D")
+        assert association.is_established
+        assert "Status" not in association.send_c_store(dataset), "no answer while SQL is held"
+        assert association.is_aborted
+        time.sleep(0.5)
+        holder.execute("COMMIT")
+        holder.close()
+        events = wait_for(lambda: _audit_documents(node, "110104"))
+    database = node.database()
+    with database.session() as session:
+        row = session.execute(select(Association)).scalar_one()
+        stored = session.execute(select(Instance.sop_instance_uid)).scalars().all()
+    database.dispose()
+    assert stored == [dataset.SOPInstanceUID]
+    assert (row.outcome, row.instances_stored) == ("aborted", 1)
+    assert len(events) == 1 and events[0]["detail"]["instances_stored"] == 1
+    assert events[0]["detail"]["association_id"] == row.id
 
 
 def test_ten_concurrent_associations_of_200_instances_lose_nothing(tmp_path: Path) -> None:

@@ -23,8 +23,7 @@ from serve_harness import NodeProcess, SentSeries, dataset_bytes, storescu, wait
 from sqlalchemy import create_engine, select, text
 
 from dicom_node.acquisition import FLAIR_2D
-from dicom_node.db.models import Association, AuditEvent, Instance, Job, JobState, Series, SeriesState
-from dicom_node.ingest import as_utc
+from dicom_node.db.models import Association, AuditEvent, Instance, Job, JobState, Series, SeriesState, as_utc
 from worker.app import RUN_JOB_TASK
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -58,3 +60,26 @@ def test_a_resent_uid_is_a_duplicate_or_kept_beside_the_first(tmp_path: Path, sa
     assert second.written is not same_bytes
     assert (second.path == first.path) is same_bytes
     assert len(list(first.path.parent.iterdir())) == (1 if same_bytes else 2)
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_store_that_fails_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A full disk or an I/O error fails the store (the SCP answers out of resources) and frees
+    what it wrote: kept until the next start, each failure would hold the disk full for the rest."""
+    spool = Spool(tmp_path)
+    real = getattr(os, failing)
+
+    def full_disk(*args: object) -> None:
+        if failing == "fsync" or str(args[0]).endswith(".part"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args)
+
+    monkeypatch.setattr(os, failing, full_disk)
+    for number in range(3):
+        with pytest.raises(OSError, match="No space left"):
+            _store(spool, f"1.2.3.1.{number}", b"\x08\x00\x18\x00" + b"a" * 1000)
+    monkeypatch.undo()
+    assert list(spool.incoming.iterdir()) == []
+    assert _store(spool, "1.2.3.1.9", b"\x08\x00\x18\x00" + b"b" * 100).written, "and the next store works"
