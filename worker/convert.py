@@ -7,6 +7,8 @@ another machine reading the same shared filesystem, picks it up without the DICO
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from dicom_node.db import Instance, Job
 from worker.runtime import Runtime
 
 VOLUME_FILE = "volume.npy"
+SOURCES_FILE = "sources.json"  # the Instance rows conversion read, for the SRs' evidence
 
 
 @dataclass(frozen=True)
@@ -26,17 +29,32 @@ class SourceInstances:
 
     paths: list[Path]
     sop_instance_uids: list[str]
+    instance_ids: list[int]
     input_hash: str
 
 
 def source_instances(runtime: Runtime, job: Job) -> SourceInstances:
-    """The job's input, and a hash of its content that names the SRs derived from it."""
+    """The series' instances as received so far, and a hash of their content that names the SRs
+    derived from them."""
     with runtime.database.session() as session:
         rows = session.scalars(
             select(Instance)
             .where(Instance.series_id == job.series_id)
             .order_by(Instance.received_at, Instance.id)
         ).all()
+    return _newest_of(rows)
+
+
+def converted_sources(runtime: Runtime, job: Job) -> SourceInstances:
+    """Exactly the instances conversion read: instances that arrived since (a series reopened by
+    late slices, whose next job reads them) are not what the model saw, so the SRs never cite them."""
+    instance_ids = json.loads((work_dir(runtime, job.id) / SOURCES_FILE).read_text())
+    with runtime.database.session() as session:
+        rows = session.scalars(select(Instance).where(Instance.id.in_(instance_ids))).all()
+    return _newest_of(rows)
+
+
+def _newest_of(rows: Sequence[Instance]) -> SourceInstances:
     newest: dict[str, Instance] = {}
     for row in rows:  # later rows win: different content under one UID keeps the latest
         newest[row.sop_instance_uid] = row
@@ -47,6 +65,7 @@ def source_instances(runtime: Runtime, job: Job) -> SourceInstances:
     return SourceInstances(
         paths=[Path(row.path) for row in chosen],
         sop_instance_uids=[row.sop_instance_uid for row in chosen],
+        instance_ids=[row.id for row in chosen],
         input_hash=digest.hexdigest(),
     )
 
@@ -57,18 +76,18 @@ def work_dir(runtime: Runtime, job_id: int) -> Path:
     return path
 
 
-def convert(runtime: Runtime, job: Job) -> SourceInstances:
-    """Convert the job's series and write the prepared model input; raises on bad geometry."""
+def convert(runtime: Runtime, job: Job, sources: SourceInstances) -> None:
+    """Convert ``sources`` (:func:`source_instances` of the job's series) and write the prepared
+    model input, and which instances it read; raises on bad geometry."""
     from inference.configuration_brain3d import Brain3DConfig
     from inference.preprocessing import prepare
 
-    sources = source_instances(runtime, job)
     folder = work_dir(runtime, job.id)
     image = series_to_nifti(sources.paths, folder)
     config = Brain3DConfig.from_pretrained(runtime.settings.model.path)
     volume = prepare(image, config)
     np.save(folder / VOLUME_FILE, volume.numpy().astype(np.float32), allow_pickle=False)
-    return sources
+    (folder / SOURCES_FILE).write_text(json.dumps(sources.instance_ids))
 
 
 def load_volume(runtime: Runtime, job_id: int) -> np.ndarray:

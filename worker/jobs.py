@@ -45,9 +45,9 @@ _STEP_COLUMNS: dict[Step, tuple[str, str]] = {
 
 
 def next_step(job: Job) -> Step:
-    """The first step of ``job`` that has not finished; delivery once it has started, as its SRs
-    exist by then (a series that was not analysed delivers its SR with conversion unfinished)."""
-    if job.delivery_started_at is not None and job.delivered_at is None:
+    """The first step of ``job`` that has not finished; delivery once its SRs are built (a series
+    that was not analysed builds and delivers its SR with conversion unfinished)."""
+    if job.sr_built_at is not None:
         return Step.DELIVER
     for step in Step:
         if getattr(job, _STEP_COLUMNS[step][1]) is None:
@@ -114,10 +114,26 @@ class JobBook:
             values[started_column] = utcnow()
             if step is Step.CONVERT:
                 values["attempts"] = max(job.attempts, 1)
+            as_read = getattr(Job, started_column).is_(None)
         else:
             values["attempts"] = Job.attempts + 1
+            as_read = Job.attempts == job.attempts
+        # Only if the job is still as read: of two copies of one task, one starts the step, and
+        # a copy that read the job before another finished it never moves it back to running.
         with self.runtime.database.session() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(**values))
+            moved = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.state.not_in(FINAL_JOB_STATES),
+                    getattr(Job, finished_column).is_(None),
+                    as_read,
+                )
+                .values(**values)
+            ).rowcount
+        if not moved:
+            logger.info("job %s: %s taken by another copy of its task, or ended", job_id, step.value)
+            return None
         job = self.get(job_id)
         if job.attempts > self.settings.max_attempts:
             self.finish(job_id, JobState.FAILED, f"{step} interrupted {job.attempts - 1} times (worker lost)")
@@ -130,13 +146,19 @@ class JobBook:
         with self.runtime.database.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow(), **values))
 
-    def finish(self, job_id: int, state: JobState, reason: str | None = None) -> None:
-        """End the job in a final state with its reason; a final job is never changed again."""
+    def finish(
+        self, job_id: int, state: JobState, reason: str | None = None, completed: Step | None = None
+    ) -> None:
+        """End the job in a final state with its reason; a final job is never changed again.
+
+        ``completed``: the step whose end ends the job, recorded in the same UPDATE, so that no
+        job is left with its last step done and its state not final."""
+        values: dict[str, Any] = {"state": state, "error_reason": reason, "finished_at": utcnow()}
+        if completed is not None:
+            values[_STEP_COLUMNS[completed][1]] = values["finished_at"]
         with self.runtime.database.session() as session:
             changed = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state.not_in(FINAL_JOB_STATES))
-                .values(state=state, error_reason=reason, finished_at=utcnow())
+                update(Job).where(Job.id == job_id, Job.state.not_in(FINAL_JOB_STATES)).values(**values)
             ).rowcount
         if changed:
             outcome = {
@@ -162,11 +184,6 @@ class JobBook:
             job_id=job.id,
             detail=detail,
         )
-
-    def note_reason(self, job_id: int, reason: str) -> None:
-        """Keep why a still-running job will end as it will (e.g. not analysed, SR still to send)."""
-        with self.runtime.database.session() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(error_reason=reason))
 
     def await_retry(self, job_id: int, seconds: float) -> None:
         """Delivery paused for a retry in ``seconds``: no attempt is in progress, and the heartbeat

@@ -2,8 +2,9 @@
 
 Redis may restart with its queue gone; kombu's SQL and filesystem transports never
 redeliver a message once fetched. Every ``reconcile_every_s`` the reconciler finds jobs
-SQL holds as queued, or running without a fresh heartbeat, and sends the task of the
-stage each must resume. Tasks re-check SQL, so a job re-sent twice still runs once.
+SQL holds as queued, or running without a fresh heartbeat, and sends the tasks of the
+stages each has left, from the one it must resume. Tasks re-check SQL, so a job re-sent
+twice still runs once.
 
 A job that only waits is not lost: while the queue of its next task holds messages (a
 backlog behind a busy worker), or while this worker holds its message (reserved while the
@@ -17,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection
 
-from celery import Celery
+from celery import Celery, Signature, chain
 from celery.worker import state as worker_state
 from kombu.exceptions import ChannelError
 from sqlalchemy import update
@@ -37,6 +38,18 @@ STEP_TASKS = {
     Step.BUILD_REPORTS: BUILD_REPORTS_TASK,
     Step.DELIVER: DELIVER_TASK,
 }
+
+
+def stages_from(app: Celery, job_id: int, step: Step) -> Signature:
+    """The tasks of ``step`` and of every later stage, chained, each on its queue (``run_job``
+    chains the stages after conversion itself)."""
+    steps = [Step.CONVERT] if step is Step.CONVERT else list(Step)[list(Step).index(step) :]
+    return chain(
+        *(
+            app.signature(STEP_TASKS[s], args=[job_id], queue=TASK_QUEUES[STEP_TASKS[s]], immutable=True)
+            for s in steps
+        )
+    )
 
 
 def queues_with_messages(app: Celery, queues: Collection[str]) -> set[str]:
@@ -71,8 +84,9 @@ def reconcile_once(
     in its next task's queue, and ``held()`` (the jobs the calling worker holds, asked after
     the broker, so that a message taken in between is seen) does not name it. A lost job still
     converting goes back to ``queued`` and gets a new ``run_job``; one in a later stage gets
-    its heartbeat dated now and the task of that stage. Each UPDATE re-checks staleness, so a
-    job that just came alive is left alone.
+    its heartbeat dated now and the tasks of that stage and the ones after it
+    (:func:`stages_from`). Each UPDATE re-checks staleness, so a job that just came alive is
+    left alone.
     """
     book = JobBook(runtime)
     started = utcnow()
@@ -101,7 +115,7 @@ def reconcile_once(
                 update(Job).where(Job.id == job_id, still_stale).values(**values)
             ).rowcount:
                 continue
-        app.send_task(task, args=[job_id], queue=queue)
+        stages_from(app, job_id, step).apply_async()
         book.event(
             book.get(job_id), "job-requeued", Outcome.MINOR_FAILURE, {"step": step.value, "task": task}
         )

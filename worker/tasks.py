@@ -12,18 +12,19 @@ import logging
 import os
 import traceback
 
-from celery import chain, shared_task, signals
+from celery import current_app, shared_task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from dicom_node.audit import Outcome
 from dicom_node.conversion import ConversionError, GeometryError
 from dicom_node.db import JobState
-from dicom_node.db.models import utcnow
+from dicom_node.db.models import as_utc, utcnow
 from worker.app import BUILD_REPORTS_TASK, DELIVER_TASK, GPU_QUEUE, INFER_TASK, RUN_JOB_TASK
-from worker.convert import convert, load_volume, source_instances
-from worker.delivery import DemoModelGuardError, check_demo_guard, deliver
+from worker.convert import SourceInstances, convert, converted_sources, load_volume, source_instances
+from worker.delivery import DemoModelGuardError, deliver
 from worker.inference import generate_report
 from worker.jobs import JobBook, Step, analysed
+from worker.reconciler import stages_from
 from worker.reports import InvalidReportError, build_and_store, build_not_analysed, findings_to_json
 from worker.runtime import get_runtime
 
@@ -79,11 +80,12 @@ def run_job(job_id: int) -> None:
         return
     job = book.begin(job_id, Step.CONVERT)
     if job is not None:
+        sources = source_instances(book.runtime, job)  # what this job reads, whatever arrives later
         try:
             with book.heartbeat(job_id):
-                sources = convert(book.runtime, job)
+                convert(book.runtime, job, sources)
         except (GeometryError, ConversionError) as error:
-            _not_analysed(book, job_id, str(error))
+            _not_analysed(book, job_id, str(error), sources)
             return
         except Exception as error:
             _fail(book, job_id, Step.CONVERT, error)
@@ -92,10 +94,10 @@ def run_job(job_id: int) -> None:
         book.event(job, "conversion", Outcome.SUCCESS, {"instances": len(sources.paths)})
     elif book.get(job_id).state.is_final:  # e.g. failed: too many interrupted conversions
         return
-    chain(infer.si(job_id), build_reports.si(job_id), deliver_reports.si(job_id)).apply_async()
+    stages_from(current_app, job_id, Step.INFER).apply_async()
 
 
-def _not_analysed(book: JobBook, job_id: int, reason: str) -> None:
+def _not_analysed(book: JobBook, job_id: int, reason: str, sources: SourceInstances) -> None:
     """End a job whose series the model must not read; optionally send an SR saying why."""
     runtime = book.runtime
     if not runtime.settings.delivery.not_analysed_report:
@@ -106,7 +108,7 @@ def _not_analysed(book: JobBook, job_id: int, reason: str) -> None:
         build_not_analysed(
             runtime,
             job,
-            source_instances(runtime, job),
+            sources,
             runtime.model_identity,
             reason,
             content_time=utcnow(),
@@ -114,7 +116,7 @@ def _not_analysed(book: JobBook, job_id: int, reason: str) -> None:
     except Exception as error:
         _fail(book, job_id, Step.BUILD_REPORTS, error, context=f"not analysed ({reason}), and its SR: ")
         return
-    book.note_reason(job_id, reason)
+    book.complete(job_id, Step.BUILD_REPORTS, error_reason=reason)  # the reason it will end with
     deliver_reports.delay(job_id)
 
 
@@ -151,18 +153,13 @@ def build_reports(job_id: int) -> None:
     if job is None:
         return
     try:
-        identity = book.runtime.model_identity
-        check_demo_guard(book.runtime, identity.synthetic_demo)
         rows = build_and_store(
             book.runtime,
             job,
-            source_instances(book.runtime, job),
-            identity,
-            content_time=job.inference_finished_at or utcnow(),
+            converted_sources(book.runtime, job),
+            book.runtime.model_identity,
+            content_time=as_utc(job.inference_finished_at or utcnow()),
         )
-    except DemoModelGuardError as error:
-        book.finish(job_id, JobState.FAILED, str(error))
-        raise
     except Exception as error:
         raise JobFailedError(_fail(book, job_id, Step.BUILD_REPORTS, error)) from None
     book.complete(job_id, Step.BUILD_REPORTS)
@@ -186,11 +183,11 @@ def deliver_reports(self, job_id: int) -> None:
     else:
         final_state, final_reason = JobState.NOT_ANALYSED, job.error_reason
     if settings.shadow_mode or not runtime.settings.destinations:
-        book.complete(job_id, Step.DELIVER)
         book.finish(
             job_id,
             final_state,
             final_reason or ("shadow mode: SRs kept locally" if settings.shadow_mode else None),
+            completed=Step.DELIVER,
         )
         return
     try:
@@ -199,8 +196,7 @@ def deliver_reports(self, job_id: int) -> None:
     except Exception as error:
         raise JobFailedError(_fail(book, job_id, Step.DELIVER, error)) from None
     if result.complete:
-        book.complete(job_id, Step.DELIVER)
-        book.finish(job_id, final_state, final_reason)
+        book.finish(job_id, final_state, final_reason, completed=Step.DELIVER)
         return
     if self.request.retries >= settings.max_retries:
         reason = f"delivery failed after {self.request.retries + 1} attempts: " + "; ".join(result.failures)

@@ -57,6 +57,7 @@ _PATIENT_STUDY_TYPE2 = (
 
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 _TEMPORAL_VRS = {"DA": DA, "DT": DT, "TM": TM}
+_PATIENT_SEXES = {"M", "F", "O"}  # PS3.3 C.7.1.1, the enumerated values highdicom accepts
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,15 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
 
 
 def _conforms(element: DataElement) -> bool:
-    """Whether a date or time value parses: scanners send the odd ``1970-01-31`` birth date, which
-    highdicom refuses to copy; such a Type 2 value is left empty rather than failing the report."""
+    """Whether a date or time value parses and a patient's sex is one of its enumerated values:
+    scanners send the odd ``1970-01-31`` birth date or ``Female``, which highdicom refuses to
+    copy; such a Type 2 value is left empty rather than failing the report."""
+    if not element.value:
+        return True
+    if element.keyword == "PatientSex":
+        return element.value in _PATIENT_SEXES
     parse = _TEMPORAL_VRS.get(element.VR)
-    if parse is None or not element.value:
+    if parse is None:
         return True
     try:
         parse(element.value)

@@ -351,16 +351,25 @@ def test_sparse_and_non_ascii_source_headers(tmp_path: Path) -> None:
     assert "PatientBirthDate" not in sources[0]  # the caller's datasets are not modified
 
 
-def test_a_malformed_birth_date_is_left_empty_rather_than_failing_the_report(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientBirthDate", "1970-01-31"),  # ISO, not DICOM's YYYYMMDD: highdicom refuses it
+        ("PatientSex", "Female"),  # not one of M, F, O: highdicom refuses it
+    ],
+)
+def test_a_malformed_type_2_value_is_left_empty_rather_than_failing_the_report(
+    tmp_path: Path, keyword: str, value: str
+) -> None:
     sources = mr_series(2, with_pixels=False)
     for ds in sources:
-        ds.PatientBirthDate = "1970-01-31"  # ISO, not DICOM's YYYYMMDD: highdicom refuses it
+        setattr(ds, keyword, value)
     pair = _reports(sources)
     path = _written(pair.measurement, tmp_path, "m")
     assert validate_sr(path) == []
     written = pydicom.dcmread(path)
-    assert written.PatientBirthDate == "" and written.PatientID == sources[0].PatientID
-    assert sources[0].PatientBirthDate == "1970-01-31"  # the caller's datasets are not modified
+    assert getattr(written, keyword) == "" and written.PatientID == sources[0].PatientID
+    assert getattr(sources[0], keyword) == value  # the caller's datasets are not modified
 
 
 def test_validator_messages_withhold_the_values_they_quote(tmp_path: Path) -> None:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from datetime import timedelta
 
+import pydicom
 import pytest
 from kombu import Connection
 
-from dicom_node.config import load_settings
-from dicom_node.db import AuditEvent, Job, JobState, Series, StructuredReport, Study
+from dicom_node.acquisition import FLAIR_2D
+from dicom_node.config import DestinationSettings, load_settings
+from dicom_node.db import AuditEvent, Instance, Job, JobState, Series, StructuredReport, Study
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
+from dicom_node.series_writer import write_series
+from inference.synthetic import synthesize_case
 from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
+from worker.convert import convert, converted_sources, source_instances
+from worker.delivery import DemoModelGuardError, deliver
 from worker.jobs import JobBook, Step, stale_jobs
 from worker.reconciler import reconcile_once
 from worker.reports import MEASUREMENT_KIND, NARRATIVE_KIND, NOT_ANALYSED_KIND, InvalidReportError, reports_of
@@ -30,6 +37,7 @@ def runtime(database_url, tmp_path) -> Runtime:
             "result_backend": f"db+sqlite:///{tmp_path / 'results.db'}",
         },
         worker={"max_attempts": 2, "stale_after_s": 30},
+        storage={"work_dir": tmp_path / "work", "reports_dir": tmp_path / "reports"},
     )
     return Runtime(settings)
 
@@ -123,6 +131,89 @@ def test_a_final_job_is_never_changed_again(runtime):
     assert types == ["job-started", "job-not_analysed"]
 
 
+def test_a_copy_of_a_task_that_read_the_job_before_it_ended_leaves_it_ended(runtime, monkeypatch):
+    """Duplicates happen (redelivery, the reconciler): one that read the job just before the other
+    copy delivered and ended it must not set it running again, where nothing would ever end it."""
+    book, job_id = _at(runtime, Step.DELIVER)
+    read_before = book.get(job_id)
+    book.begin(job_id, Step.DELIVER)
+    book.finish(job_id, JobState.SUCCEEDED, completed=Step.DELIVER)
+    monkeypatch.setattr(book, "get", lambda _: read_before)  # the duplicate's read, now out of date
+    assert book.begin(job_id, Step.DELIVER) is None
+    monkeypatch.undo()
+    job = book.get(job_id)
+    assert job.state == JobState.SUCCEEDED and job.delivered_at == job.finished_at
+
+
+def test_of_two_copies_of_one_step_only_one_starts_it(runtime, monkeypatch):
+    book, job_id = _at(runtime, Step.BUILD_REPORTS)
+    read_before = book.get(job_id)
+    assert book.begin(job_id, Step.BUILD_REPORTS).attempts == 1
+    real_get = book.get
+    reads = iter([read_before])
+    monkeypatch.setattr(book, "get", lambda job: next(reads, None) or real_get(job))
+    assert book.begin(job_id, Step.BUILD_REPORTS) is None, "the other copy has started this step"
+    assert real_get(job_id).attempts == 1, "and no interruption is counted"
+
+
+def test_the_srs_cite_the_instances_the_model_read_not_those_that_came_later(runtime, tmp_path):
+    """Slices that reopen a series after its conversion belong to the series' next job: the SRs of
+    this one cite, and are named by, exactly what its conversion read."""
+    case = synthesize_case("late", lesional=False, seed=3)
+    paths = write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=3)
+    job_id = _job(runtime)
+    with runtime.database.session() as session:
+        series_id = session.get(Job, job_id).series_id
+        session.add_all(_instance_row(series_id, path) for path in paths)
+    job = JobBook(runtime).get(job_id)
+    read = source_instances(runtime, job)
+    convert(runtime, job, read)
+    with runtime.database.session() as session:  # two late slices arrive during inference
+        session.add_all(
+            Instance(
+                sop_instance_uid=f"1.2.826.0.1.{number}",
+                sop_class_uid=pydicom.uid.MRImageStorage,
+                transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+                series_id=series_id,
+                path=str(tmp_path / f"late{number}.dcm"),
+                size_bytes=1,
+                sha256=f"{number}" * 64,
+            )
+            for number in (1, 2)
+        )
+    assert len(source_instances(runtime, job).paths) == len(paths) + 2
+    assert converted_sources(runtime, job) == read, "the SR stage reads what conversion read"
+    assert source_instances(runtime, job).input_hash != read.input_hash, "the next job's SRs differ"
+
+
+def _instance_row(series_id: int, path) -> Instance:
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    content = path.read_bytes()
+    return Instance(
+        sop_instance_uid=header.SOPInstanceUID,
+        sop_class_uid=header.SOPClassUID,
+        transfer_syntax_uid=header.file_meta.TransferSyntaxUID,
+        series_id=series_id,
+        path=str(path),
+        size_bytes=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+    )
+
+
+def test_the_demo_models_srs_of_every_kind_stay_on_loopback_unless_allowed(runtime):
+    """The guard sits where SRs leave the node, so a not-analysed note is held back as a report is."""
+    remote = DestinationSettings(host="192.0.2.10", port=104, ae_title="PACS")  # TEST-NET-1
+    guarded = Runtime(runtime.settings.model_copy(update={"destinations": [remote]}))
+    assert guarded.model_identity.synthetic_demo, "the committed checkpoint is the demo model"
+    job = JobBook(guarded).get(_job(guarded))
+    with pytest.raises(DemoModelGuardError, match=r"PACS@192\.0\.2\.10:104 \(not loopback\)"):
+        deliver(guarded, job)
+    allowed = guarded.settings.delivery.model_copy(update={"allow_demo_model": True})
+    unguarded = Runtime(guarded.settings.model_copy(update={"delivery": allowed}))
+    # Allowed, it goes on to the destination, where this job has nothing left to send.
+    assert deliver(unguarded, job).complete
+
+
 def test_stale_jobs_resume_at_their_next_step(runtime):
     old = utcnow() - timedelta(seconds=120)
     fresh_running = _job(runtime, state=JobState.RUNNING, heartbeat_at=utcnow())
@@ -136,10 +227,18 @@ def test_stale_jobs_resume_at_their_next_step(runtime):
         inference_finished_at=old,
         sr_built_at=old,
     )
-    # A series that was not analysed sends its short SR with conversion unfinished: a worker lost in
-    # that delivery resumes it, not the conversion (which would count the loss twice).
+    # A series that was not analysed builds and sends its short SR with conversion unfinished: a
+    # worker lost in that delivery, or while a retry of it waited, resumes it, not the conversion.
     dead_in_not_analysed_delivery = _job(
-        runtime, state=JobState.RUNNING, heartbeat_at=old, conversion_started_at=old, delivery_started_at=old
+        runtime,
+        state=JobState.RUNNING,
+        heartbeat_at=old,
+        conversion_started_at=old,
+        sr_built_at=old,
+        delivery_started_at=old,
+    )
+    lost_waiting_for_a_not_analysed_retry = _job(
+        runtime, state=JobState.RUNNING, heartbeat_at=old, conversion_started_at=old, sr_built_at=old
     )
     finished = _job(runtime, state=JobState.SUCCEEDED, heartbeat_at=old)
     # Committed without queued_at: the node is sending its message now, or stopped before it did.
@@ -152,6 +251,7 @@ def test_stale_jobs_resume_at_their_next_step(runtime):
         dead_in_inference: Step.INFER,
         dead_in_delivery: Step.DELIVER,
         dead_in_not_analysed_delivery: Step.DELIVER,
+        lost_waiting_for_a_not_analysed_retry: Step.DELIVER,
     }
     assert fresh_running not in found and finished not in found and being_sent not in found
 
@@ -166,13 +266,17 @@ def test_reconciler_resends_each_stale_job_once_per_period(runtime):
     with Connection(runtime.settings.queue.broker_url) as connection:
         cpu = connection.SimpleQueue(CPU_QUEUE)
         gpu = connection.SimpleQueue(GPU_QUEUE)
-        sent = {
-            (message.headers["task"], message.headers["argsrepr"])
-            for message in (cpu.get(timeout=2), gpu.get(timeout=2))
-        }
+        messages = [cpu.get(timeout=2), gpu.get(timeout=2)]
+        bodies = [message.decode() for message in messages]  # (args, kwargs, embedded chain)
         cpu.close()
         gpu.close()
-    assert sent == {("brain3d.run_job", f"[{lost}]"), ("brain3d.infer", f"[{dead}]")}
+    sent = {(m.headers["task"], tuple(args)) for m, (args, _, _) in zip(messages, bodies, strict=True)}
+    assert sent == {("brain3d.run_job", (lost,)), ("brain3d.infer", (dead,))}
+    # The job lost in inference gets the rest of its pipeline after it, as run_job would chain it.
+    assert [(task["task"], task["args"]) for task in reversed(bodies[1][2]["chain"])] == [
+        ("brain3d.build_reports", [dead]),
+        ("brain3d.deliver", [dead]),
+    ]
 
 
 def _requeued_events(runtime: Runtime, job_id: int) -> int:
