@@ -425,10 +425,16 @@ class StorageSCP:
             headers = read_headers(dataset, transfer_syntax)
         except MalformedDatasetError as exc:
             return self._fail(record, str(exc), STATUS_CANNOT_UNDERSTAND, request)
-        if headers.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip():
-            return self._fail(
-                record, "SOP Instance UID differs from the request's", STATUS_DATASET_MISMATCH, request
-            )
+        for name, in_dataset, in_request in (
+            ("SOP Instance UID", headers.sop_instance_uid, request.AffectedSOPInstanceUID),
+            ("SOP Class UID", headers.sop_class_uid, request.AffectedSOPClassUID),
+        ):
+            # Filed under the request's UIDs, it would be what it is not (a dataset silent on its
+            # class is taken at the request's word).
+            if in_dataset is not None and in_dataset != str(in_request).strip():
+                return self._fail(
+                    record, f"{name} differs from the request's", STATUS_DATASET_MISMATCH, request
+                )
 
         if self.spool.free_bytes() - len(dataset) < self.storage.min_free_bytes:
             if record is not None:

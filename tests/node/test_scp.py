@@ -10,12 +10,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 from conftest import require_tool
 from pacs import mr_series
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, _config
 from serve_harness import NodeProcess, dataset_bytes, storescu, wait_for
 from sqlalchemy import func, select
 
@@ -89,6 +90,45 @@ def test_malformed_dataset_is_refused_and_audited_while_others_carry_on(tmp_path
         assert len(failures) == 1 and failures[0]["outcome"] == 8
         assert "UID" in failures[0]["detail"]["reason"]
         assert failures[0]["detail"]["sop_instance_uid"] == malformed[0].SOPInstanceUID, "traceable"
+
+
+@pytest.mark.parametrize(
+    ("keyword", "meta_keyword", "reason"),
+    [
+        ("SOPInstanceUID", "MediaStorageSOPInstanceUID", "SOP Instance UID differs from the request's"),
+        ("SOPClassUID", "MediaStorageSOPClassUID", "SOP Class UID differs from the request's"),
+    ],
+)
+def test_a_dataset_that_is_not_what_its_request_names_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keyword: str, meta_keyword: str, reason: str
+) -> None:
+    """The request names the instance; a dataset that says otherwise is refused with 0xA900,
+    audited, and not stored."""
+    # pynetdicom's option to send a file as it is, its request taken from the file meta.
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    dataset = mr_series(1)[0]
+    path = tmp_path / "sent.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    sent = pydicom.dcmread(path)
+    setattr(sent, keyword, "1.2.3.999" if keyword == "SOPInstanceUID" else CTImageStorage)
+    assert getattr(sent.file_meta, meta_keyword) == getattr(dataset, keyword)  # the request's
+    sent.save_as(path)
+    with NodeProcess(tmp_path / "node") as node:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        association = ae.associate("127.0.0.1", node.port, ae_title="BRAIN3D")
+        assert association.is_established
+        status = int(association.send_c_store(path).Status)
+        association.release()
+        failures = [
+            doc for doc in wait_for(lambda: _audit_documents(node, "110104")) if doc["detail"].get("reason")
+        ]
+        database = node.database()
+        with database.session() as session:
+            stored = session.execute(select(func.count(Instance.id))).scalar_one()
+        database.dispose()
+    assert status == 0xA900 and stored == 0
+    assert [doc["detail"]["reason"] for doc in failures] == [reason]
 
 
 def test_same_uid_with_different_content_is_kept_and_flagged(tmp_path: Path) -> None:
