@@ -84,14 +84,17 @@ class Retention:
         now = datetime.now(UTC)
         removed: list[RemovedSeries] = []
         for series_id, study_uid, series_uid in self.candidates(now):
-            if not self.spool.remove_series(study_uid, series_uid, self.guard_seconds):
+
+            def record_removal(series_id: int = series_id) -> None:
+                with self.database.session() as session:
+                    session.execute(
+                        update(Series)
+                        .where(Series.id == series_id, Series.state == SeriesState.COMPLETE)
+                        .values(spool_removed_at=now)
+                    )
+
+            if not self.spool.remove_series(study_uid, series_uid, self.guard_seconds, record_removal):
                 continue  # written to just now: a late instance re-opens it instead
-            with self.database.session() as session:
-                session.execute(
-                    update(Series)
-                    .where(Series.id == series_id, Series.state == SeriesState.COMPLETE)
-                    .values(spool_removed_at=now)
-                )
             removed.append(RemovedSeries(study_uid, series_uid))
             log.info("retention removed the spool of series %s", series_uid)
             try:

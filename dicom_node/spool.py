@@ -27,7 +27,7 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,16 +276,20 @@ class Spool:
             self._count_stored(size)
         return SpooledInstance(target, size, sha256, written=not present)
 
-    def remove_series(self, study_uid: str, series_uid: str, idle_seconds: float) -> bool:
+    def remove_series(
+        self, study_uid: str, series_uid: str, idle_seconds: float, record_removal: Callable[[], None]
+    ) -> bool:
         """Delete a series folder untouched for ``idle_seconds``; False if it was written since.
 
-        The folder's mtime changes with every rename into it, and the check and the delete
-        happen under the lock ``store`` renames under, so an instance that has just been
-        written (and may be waiting for its SQL commit) is never deleted.
+        The folder's mtime changes with every rename into it, and the check, the delete and
+        ``record_removal`` (the SQL mark) happen under the lock ``store`` renames under: an
+        instance that has just been written (and may be waiting for its SQL commit) is never
+        deleted, and one re-sent now lands after the mark, which its SQL row then clears.
         """
         folder = self.series_dir(study_uid, series_uid)
         with self._lock(series_uid):
             if not folder.exists():
+                record_removal()
                 return True
             if time.time() - folder.stat().st_mtime < idle_seconds:
                 return False
@@ -297,4 +301,5 @@ class Spool:
                 fsync_dir(self.root)
             except OSError:
                 pass
+            record_removal()
         return True

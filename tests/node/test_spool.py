@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_a_folder_removed_behind_the_spools_back_is_made_again(tmp_path: Path) -
 def test_remove_series_forgets_the_folder(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     stored = _store(spool, "1.2.3.1.1", b"x" * 64)
-    assert spool.remove_series("1.2.3", "1.2.3.1", idle_seconds=0)
+    assert spool.remove_series("1.2.3", "1.2.3.1", idle_seconds=0, record_removal=lambda: None)
     assert not stored.path.parent.exists()
     again = _store(spool, "1.2.3.1.1", b"x" * 64)
     assert again.written and again.path.is_file(), "stored anew once the series was removed"
@@ -83,3 +84,23 @@ def test_a_store_that_fails_leaves_no_temporary_file(
     monkeypatch.undo()
     assert list(spool.incoming.iterdir()) == []
     assert _store(spool, "1.2.3.1.9", b"\x08\x00\x18\x00" + b"b" * 100).written, "and the next store works"
+
+
+def test_a_series_is_marked_removed_before_a_resend_can_land_in_it(tmp_path: Path) -> None:
+    """Retention's SQL mark is made under the lock a store renames under: an instance re-sent while
+    its series is removed lands after the mark (its SQL row then clears it), never before it, where
+    the mark would hide the re-sent file from retention for good."""
+    spool = Spool(tmp_path)
+    data = b"\x08\x00\x18\x00" + b"a" * 100
+    _store(spool, "1.2.3.1.1", data)
+    order: list[str] = []
+    resend = threading.Thread(target=lambda: (_store(spool, "1.2.3.1.1", data), order.append("re-sent")))
+
+    def record_removal() -> None:
+        resend.start()
+        resend.join(timeout=0.3)  # the re-send waits for the lock
+        order.append("marked removed")
+
+    assert spool.remove_series("1.2.3", "1.2.3.1", idle_seconds=0, record_removal=record_removal)
+    resend.join()
+    assert order == ["marked removed", "re-sent"]
