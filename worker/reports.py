@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from dicom_node.db import Job, StructuredReport
 from dicom_node.spool import fsync_dir, write_durably
-from dicom_node.sr import AlgorithmIdentity, build_reports, not_analysed_report, sr_bytes
+from dicom_node.sr import AlgorithmIdentity, build_reports, not_analysed_report, report_uids, sr_bytes
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Findings, parse
 from worker.convert import SourceInstances
@@ -45,12 +45,13 @@ def findings_to_json(findings: Findings) -> str:
 
 
 def _predecessors(runtime: Runtime, job: Job) -> list[Dataset]:
-    """SRs of earlier jobs on the same series, which a re-processed series must cite."""
+    """The SRs a new SR of ``job`` supersedes and must cite: those of earlier jobs on the same
+    series, and the job's own from before a retry (another outcome, model or input)."""
     with runtime.database.session() as session:
         rows = session.scalars(
             select(StructuredReport)
             .join(Job, Job.id == StructuredReport.job_id)
-            .where(Job.series_id == job.series_id, Job.id != job.id, Job.id < job.id)
+            .where(Job.series_id == job.series_id, Job.id <= job.id)
             .order_by(StructuredReport.id)
         ).all()
     return [pydicom.dcmread(row.path, stop_before_pixels=True) for row in rows if Path(row.path).is_file()]
@@ -92,20 +93,25 @@ def report_kinds(job: Job) -> tuple[str, ...]:
 
 
 def reports_of(runtime: Runtime, job: Job) -> list[StructuredReport]:
-    """The persisted SRs of the job's current outcome, in the order they were built."""
+    """The persisted SRs of the job's current outcome, the latest built of each kind, in the order
+    they were built (a retried job keeps the SRs it built before as history)."""
     with runtime.database.session() as session:
-        return list(
-            session.scalars(
-                select(StructuredReport)
-                .where(StructuredReport.job_id == job.id, StructuredReport.kind.in_(report_kinds(job)))
-                .order_by(StructuredReport.id)
-            )
-        )
+        rows = session.scalars(
+            select(StructuredReport)
+            .where(StructuredReport.job_id == job.id, StructuredReport.kind.in_(report_kinds(job)))
+            .order_by(StructuredReport.id)
+        ).all()
+    latest = {row.kind: row for row in rows}
+    return sorted(latest.values(), key=lambda row: row.id)
 
 
-def _existing(runtime: Runtime, job: Job) -> list[StructuredReport]:
+def _existing(runtime: Runtime, job: Job, wanted: dict[str, str]) -> list[StructuredReport]:
+    """The job's SRs when they are the very ones this build would make (``wanted``: kind -> SOP
+    Instance UID, which name the model and the input); else none, and they are built anew."""
     rows = reports_of(runtime, job)
-    return rows if rows and all(Path(row.path).is_file() for row in rows) else []
+    if {row.kind: row.sop_instance_uid for row in rows} != wanted:
+        return []
+    return rows if all(Path(row.path).is_file() for row in rows) else []
 
 
 def _algorithm(identity: ModelIdentity) -> AlgorithmIdentity:
@@ -128,14 +134,18 @@ def build_and_store(
     runtime: Runtime, job: Job, sources: SourceInstances, identity: ModelIdentity, *, content_time: datetime
 ) -> list[StructuredReport]:
     """Build both SRs for ``job`` from its report text, validate, write and record them."""
-    if existing := _existing(runtime, job):
+    datasets, algorithm = _sources(sources), _algorithm(identity)
+    uids = report_uids(datasets[0].SeriesInstanceUID, algorithm, sources.input_hash)
+    if existing := _existing(
+        runtime, job, {NARRATIVE_KIND: uids.narrative, MEASUREMENT_KIND: uids.measurement}
+    ):
         return existing  # already built: keep the persisted bytes
     assert job.report_text is not None
     pair = build_reports(
-        _sources(sources),
+        datasets,
         job.report_text,
         parse(job.report_text),
-        _algorithm(identity),
+        algorithm,
         input_hash=sources.input_hash,
         synthetic_demo=identity.synthetic_demo,
         predecessors=_predecessors(runtime, job),
@@ -160,12 +170,14 @@ def build_not_analysed(
     content_time: datetime,
 ) -> list[StructuredReport]:
     """The short SR saying the series was not analysed and why (``delivery.not_analysed_report``)."""
-    if existing := _existing(runtime, job):
+    datasets, algorithm = _sources(sources), _algorithm(identity)
+    uids = report_uids(datasets[0].SeriesInstanceUID, algorithm, sources.input_hash)
+    if existing := _existing(runtime, job, {NOT_ANALYSED_KIND: uids.not_analysed}):
         return existing
     dataset = not_analysed_report(
-        _sources(sources),
+        datasets,
         reason,
-        _algorithm(identity),
+        algorithm,
         input_hash=sources.input_hash,
         content_datetime=content_time,
         synthetic_demo=identity.synthetic_demo,

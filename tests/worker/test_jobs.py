@@ -16,13 +16,22 @@ from dicom_node.db import AuditEvent, Instance, Job, JobState, Series, Structure
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
 from dicom_node.series_writer import write_series
+from inference.report_schema import NORMAL, render
 from inference.synthetic import synthesize_case
 from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
 from worker.convert import convert, converted_sources, source_instances
 from worker.delivery import DemoModelGuardError, deliver
+from worker.inference import ModelIdentity
 from worker.jobs import JobBook, Step, stale_jobs
 from worker.reconciler import reconcile_once
-from worker.reports import MEASUREMENT_KIND, NARRATIVE_KIND, NOT_ANALYSED_KIND, InvalidReportError, reports_of
+from worker.reports import (
+    MEASUREMENT_KIND,
+    NARRATIVE_KIND,
+    NOT_ANALYSED_KIND,
+    InvalidReportError,
+    build_and_store,
+    reports_of,
+)
 from worker.runtime import Runtime
 from worker.tasks import failure_reason
 
@@ -184,6 +193,35 @@ def test_the_srs_cite_the_instances_the_model_read_not_those_that_came_later(run
     assert len(source_instances(runtime, job).paths) == len(paths) + 2
     assert converted_sources(runtime, job) == read, "the SR stage reads what conversion read"
     assert source_instances(runtime, job).input_hash != read.input_hash, "the next job's SRs differ"
+
+
+def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runtime, tmp_path):
+    """A failed job retried after the checkpoint changed: its earlier SRs are kept as history, new
+    ones are built under new UIDs and cite them as predecessors, and only the new ones are sent."""
+    case = synthesize_case("retried", lesional=False, seed=4)
+    paths = write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=4)
+    job_id = _job(runtime, report_text=render(NORMAL), inference_finished_at=utcnow())
+    with runtime.database.session() as session:
+        series_id = session.get(Job, job_id).series_id
+        session.add_all(_instance_row(series_id, path) for path in paths)
+    job = JobBook(runtime).get(job_id)
+    sources = source_instances(runtime, job)
+    first = ModelIdentity(name="Brain3D", version="1.0", checkpoint_hash="a" * 64, synthetic_demo=False)
+    built = build_and_store(runtime, job, sources, first, content_time=utcnow())
+    again = build_and_store(runtime, job, sources, first, content_time=utcnow())
+    assert [row.id for row in again] == [row.id for row in built], "the same model keeps its bytes"
+    upgraded = ModelIdentity(name="Brain3D", version="1.1", checkpoint_hash="b" * 64, synthetic_demo=False)
+    rebuilt = build_and_store(runtime, job, sources, upgraded, content_time=utcnow())
+    assert {row.sop_instance_uid for row in rebuilt}.isdisjoint(row.sop_instance_uid for row in built)
+    assert [row.id for row in reports_of(runtime, job)] == [row.id for row in rebuilt]
+    narrative = pydicom.dcmread(next(row.path for row in rebuilt if row.kind == NARRATIVE_KIND))
+    cited = {
+        item.ReferencedSOPInstanceUID
+        for study in narrative.PredecessorDocumentsSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert cited == {row.sop_instance_uid for row in built}
 
 
 def _instance_row(series_id: int, path) -> Instance:
