@@ -77,8 +77,9 @@ def _read(files: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
-def _check_affine(affine: np.ndarray, datasets: Sequence[Dataset]) -> None:
-    """dicom2nifti's affine must put voxel (0, 0, k) on the first pixel of the k-th frame, in RAS.
+def _check_affine(image: nib.Nifti1Image, datasets: Sequence[Dataset]) -> None:
+    """dicom2nifti's image must hold every frame, and its affine put voxel (0, 0, k) on the first
+    pixel of the k-th frame, in RAS.
 
     Array axis 0 runs along the image rows (IOP's first triplet), axis 1 down the
     columns, axis 2 through the frames in stack order along the slice normal, one
@@ -86,6 +87,11 @@ def _check_affine(affine: np.ndarray, datasets: Sequence[Dataset]) -> None:
     and Enhanced frames by in-stack position).
     """
     frames = [frame for ds in datasets for frame in frames_of(ds)]  # complete: the gate checked them
+    if image.shape[2] != len(frames):
+        raise ConversionError(
+            f"slice_count_mismatch: dicom2nifti made {image.shape[2]} slices of the {len(frames)} received"
+        )
+    affine = image.affine
     iop, spacing = frames[0].orientation, frames[0].pixel_spacing
     assert iop is not None and spacing is not None
     row_spacing, column_spacing = spacing
@@ -129,6 +135,10 @@ def series_to_nifti(
         raise GeometryError(verdict)
     if any("PixelData" not in ds for ds in datasets):
         raise ConversionError("no_pixel_data: an instance carries no pixel data")
+    if len(datasets) > 1 and any(int(ds.get("NumberOfFrames") or 1) > 1 for ds in datasets):
+        raise ConversionError(
+            f"split_multiframe: a series of {len(datasets)} multi-frame instances (dicom2nifti reads one)"
+        )
     out = Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)
     nifti_path = out / "series.nii.gz"
@@ -144,7 +154,7 @@ def series_to_nifti(
     image = result["NII"]
     if image.ndim != 3:
         raise ConversionError(f"not_3d: dicom2nifti produced shape {image.shape}")
-    _check_affine(image.affine, datasets)
+    _check_affine(image, datasets)
     canonical = nib.as_closest_canonical(image)
     log.info(
         "converted series %s to %s voxels %s", series_uid, canonical.shape, nib.aff2axcodes(canonical.affine)

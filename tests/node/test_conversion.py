@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -86,8 +88,31 @@ def test_affine_cross_check_rejects_a_mirrored_affine(tmp_path) -> None:
     datasets = [pydicom.dcmread(path) for path in files]
     # dicom2nifti's affine for an axial HFS series: rows run to the patient's left (RAS -x).
     good = np.array([[-2.0, 0, 0, 22], [0, -2.5, 0, 22.5], [0, 0, 3.0, -27], [0, 0, 0, 1]])
-    _check_affine(good, datasets)
+    array = np.zeros((24, 22, 18), dtype=np.uint16)
+    _check_affine(nib.Nifti1Image(array, good), datasets)
     mirrored = good.copy()
     mirrored[0, 0], mirrored[0, 3] = 2.0, -24
     with pytest.raises(ConversionError, match="affine_mismatch"):
-        _check_affine(mirrored, datasets)
+        _check_affine(nib.Nifti1Image(array, mirrored), datasets)
+    # Half the frames, with positions extrapolated along the same axis, is no volume either.
+    with pytest.raises(ConversionError, match="slice_count_mismatch: dicom2nifti made 9 slices of the 18"):
+        _check_affine(nib.Nifti1Image(array[:, :, :9], good), datasets)
+
+
+def test_an_enhanced_series_split_over_two_instances_is_refused_not_halved(tmp_path) -> None:
+    """dicom2nifti reads one multi-frame instance: a series sent as two would become half a brain."""
+    (whole,) = write_series(tmp_path / "dicom", _volume(), AFFINE, seed=1, enhanced=True)
+    dataset = pydicom.dcmread(whole)
+    frames, half = int(dataset.NumberOfFrames), int(dataset.NumberOfFrames) // 2
+    parts = []
+    for number, (start, stop) in enumerate([(0, half), (half, frames)], start=1):
+        part = copy.deepcopy(dataset)
+        part.SOPInstanceUID = part.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.77.{number}"
+        part.PerFrameFunctionalGroupsSequence = dataset.PerFrameFunctionalGroupsSequence[start:stop]
+        part.NumberOfFrames = stop - start
+        part.PixelData = np.ascontiguousarray(dataset.pixel_array[start:stop]).tobytes()
+        part.InstanceNumber = number
+        parts.append(tmp_path / f"part{number}.dcm")
+        part.save_as(parts[-1], enforce_file_format=True)
+    with pytest.raises(ConversionError, match="split_multiframe: a series of 2 multi-frame instances"):
+        series_to_nifti(parts, tmp_path / "work")
