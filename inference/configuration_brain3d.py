@@ -79,6 +79,10 @@ class Brain3DConfig(PretrainedConfig):
     max_new_tokens: int = 200
     repetition_penalty: float = 1.2
     no_repeat_ngram_size: int = 3
+    #: True for a checkpoint trained on synthetic data only (``brain3d train --synthetic``, the demo):
+    #: the node's SRs then say "synthetic demo model, not for clinical use" and stay on loopback
+    #: unless ``delivery.allow_demo_model``. It travels with the checkpoint, wherever it is copied.
+    synthetic_demo: bool = False
     #: Where weights not saved with the checkpoint come from: ``{"vision": {"path", "sha256"},
     #: "language_model": {"path", "sha256"}}``; ``None`` when the checkpoint holds every weight.
     base_weights: dict | None = None

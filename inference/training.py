@@ -1003,7 +1003,12 @@ def build_model(preset: str, data: TrainingData, seed: int) -> Brain3D:
     _seed_everything(seed)
     # Reports legitimately repeat phrases ("is seen."): the paper's anti-repetition settings,
     # meant for a chatty general LLM, would force a templated decoder off its findings.
-    config = Brain3DConfig.from_preset(preset, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    config = Brain3DConfig.from_preset(
+        preset,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        synthetic_demo=data.rerender,  # every case synthetic (reports rendered from their findings)
+    )
     corpus = [*report_corpus(data, seed=seed), config.instruction]
     tokenizer = train_report_tokenizer(corpus, vocab_size=config.text_config.vocab_size)
     return Brain3D(config, tokenizer)

@@ -47,7 +47,9 @@ def checkpoint_hash(path: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(path)).encode())
-        digest.update(file.read_bytes())
+        with file.open("rb") as handle:  # streamed: a 4B model's weights are gigabytes
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -58,9 +60,7 @@ def identify_model(settings: ModelSettings) -> ModelIdentity:
     if not config_file.is_file():
         raise FileNotFoundError(f"model.path {path} holds no Brain3D checkpoint (config.json missing)")
     content_hash = checkpoint_hash(path)
-    synthetic = (
-        bool(json.loads(config_file.read_text()).get("synthetic_demo")) or path.resolve() == DEMO_CHECKPOINT
-    )
+    synthetic = bool(json.loads(config_file.read_text()).get("synthetic_demo"))
     name = "Brain3D-demo" if synthetic else "Brain3D"
     return ModelIdentity(
         name=name,

@@ -35,7 +35,8 @@ NARRATIVE_KIND, MEASUREMENT_KIND, NOT_ANALYSED_KIND = "narrative", "measurement"
 
 
 class InvalidReportError(RuntimeError):
-    """A built SR failed validation; it is never sent."""
+    """An SR that is never sent: it failed validation, or would name another model than the one
+    that wrote its report."""
 
 
 def findings_to_json(findings: Findings) -> str:
@@ -133,7 +134,15 @@ def _record(runtime: Runtime, rows: list[StructuredReport]) -> list[StructuredRe
 def build_and_store(
     runtime: Runtime, job: Job, sources: SourceInstances, identity: ModelIdentity, *, content_time: datetime
 ) -> list[StructuredReport]:
-    """Build both SRs for ``job`` from its report text, validate, write and record them."""
+    """Build both SRs for ``job`` from its report text, validate, write and record them.
+
+    ``identity`` is this worker's model, which the SRs name: it must be the one that wrote the
+    report (a GPU machine and a CPU machine configured with different ``model.path``)."""
+    if job.model_version != identity.version:
+        raise InvalidReportError(
+            f"the report was written by {job.model_version}, and this worker's model.path is "
+            f"{identity.version}: the SR would name the wrong model (give every worker the same model)"
+        )
     datasets, algorithm = _sources(sources), _algorithm(identity)
     uids = report_uids(datasets[0].SeriesInstanceUID, algorithm, sources.input_hash)
     if existing := _existing(

@@ -110,6 +110,7 @@ def test_pipeline_writes_logs_best_checkpoint_and_resumes(
     assert any("retrieval_accuracy" in entry for entry in contrastive["log"])
     assert contrastive["trainable"]["encoder_blocks"] > 0  # no pretrained 2D weights in tiny
     reloaded = Brain3D.from_pretrained(tmp_path / "final")
+    assert reloaded.config.synthetic_demo, "trained on synthetic data only, and it says so"
     volumes = tiny_data.volumes[:2]
     assert reloaded.generate(volumes).reports == model.eval().generate(volumes).reports
     # Finished stages are skipped on a rerun (resume), and the run summary exists.

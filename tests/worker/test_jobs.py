@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import shutil
 from datetime import timedelta
 
 import pydicom
 import pytest
 from kombu import Connection
+from sqlalchemy import update
 
 from dicom_node.acquisition import FLAIR_2D
-from dicom_node.config import DestinationSettings, load_settings
+from dicom_node.config import DestinationSettings, ModelSettings, load_settings
 from dicom_node.db import AuditEvent, Instance, Job, JobState, Series, StructuredReport, Study
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
@@ -21,7 +23,7 @@ from inference.synthetic import synthesize_case
 from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
 from worker.convert import convert, converted_sources, source_instances
 from worker.delivery import DemoModelGuardError, deliver
-from worker.inference import ModelIdentity
+from worker.inference import DEMO_CHECKPOINT, ModelIdentity, identify_model
 from worker.jobs import JobBook, Step, stale_jobs
 from worker.reconciler import reconcile_once
 from worker.reports import (
@@ -200,7 +202,7 @@ def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runti
     ones are built under new UIDs and cite them as predecessors, and only the new ones are sent."""
     case = synthesize_case("retried", lesional=False, seed=4)
     paths = write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=4)
-    job_id = _job(runtime, report_text=render(NORMAL), inference_finished_at=utcnow())
+    job_id = _job(runtime, report_text=render(NORMAL), inference_finished_at=utcnow(), model_version="1.0")
     with runtime.database.session() as session:
         series_id = session.get(Job, job_id).series_id
         session.add_all(_instance_row(series_id, path) for path in paths)
@@ -211,6 +213,11 @@ def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runti
     again = build_and_store(runtime, job, sources, first, content_time=utcnow())
     assert [row.id for row in again] == [row.id for row in built], "the same model keeps its bytes"
     upgraded = ModelIdentity(name="Brain3D", version="1.1", checkpoint_hash="b" * 64, synthetic_demo=False)
+    with pytest.raises(InvalidReportError, match=r"written by 1\.0, and this worker's model\.path is 1\.1"):
+        build_and_store(runtime, job, sources, upgraded, content_time=utcnow())  # a worker set up apart
+    with runtime.database.session() as session:  # the retry: the upgraded model read the series
+        session.execute(update(Job).where(Job.id == job_id).values(model_version="1.1"))
+    job = JobBook(runtime).get(job_id)
     rebuilt = build_and_store(runtime, job, sources, upgraded, content_time=utcnow())
     assert {row.sop_instance_uid for row in rebuilt}.isdisjoint(row.sop_instance_uid for row in built)
     assert [row.id for row in reports_of(runtime, job)] == [row.id for row in rebuilt]
@@ -222,6 +229,15 @@ def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runti
         for item in series.ReferencedSOPSequence
     }
     assert cited == {row.sop_instance_uid for row in built}
+
+
+def test_a_copy_of_the_demo_checkpoint_is_still_the_demo(tmp_path):
+    """What a checkpoint is travels with it (its configuration says it was trained on synthetic
+    data), so a copy elsewhere keeps the demo disclaimer and the loopback guard."""
+    copied = shutil.copytree(DEMO_CHECKPOINT, tmp_path / "models" / "brain3d")
+    identity = identify_model(ModelSettings(path=copied))
+    assert identity == identify_model(ModelSettings(path=DEMO_CHECKPOINT)), "same content, same identity"
+    assert identity.synthetic_demo and identity.name == "Brain3D-demo"
 
 
 def _instance_row(series_id: int, path) -> Instance:
