@@ -38,7 +38,9 @@ class HandOff:
         return queued_at
 
     def enqueue_pending(self) -> list[int]:
-        """Send queued jobs whose message never reached the broker (node killed in between)."""
+        """Send queued jobs whose message never reached the broker (node killed in between);
+        returns those sent. A broker that is down does not keep the node from receiving: what
+        is left waits in SQL for the workers' reconciler."""
         with self.database.session() as session:
             job_ids = list(
                 session.execute(
@@ -47,6 +49,15 @@ class HandOff:
                     .order_by(Job.id)
                 ).scalars()
             )
+        sent: list[int] = []
         for job_id in job_ids:
-            self.enqueue(job_id)
-        return job_ids
+            try:
+                self.enqueue(job_id)
+            except Exception:
+                log.exception(
+                    "broker unavailable: %d queued job(s) left to the workers' reconciler",
+                    len(job_ids) - len(sent),
+                )
+                break
+            sent.append(job_id)
+        return sent

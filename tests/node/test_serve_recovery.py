@@ -17,7 +17,9 @@ from serve_harness import NodeProcess, dataset_bytes, storescu, wait_for, write_
 from sqlalchemy import select
 
 from dicom_node.acquisition import FLAIR_2D
-from dicom_node.db.models import Instance, Job, Series, SeriesState
+from dicom_node.db import Database
+from dicom_node.db.migrate import upgrade
+from dicom_node.db.models import Instance, Job, Series, SeriesState, Study
 
 pytestmark = [pytest.mark.slow]
 
@@ -40,6 +42,31 @@ def _jobs(node: NodeProcess) -> list[Job]:
             return list(session.execute(select(Job).order_by(Job.id)).scalars())
     finally:
         database.dispose()
+
+
+def test_a_node_restarted_while_the_broker_is_down_still_receives(tmp_path: Path) -> None:
+    """A job committed but never handed to the broker is sent at start; with the broker down too,
+    it waits in SQL for the reconciler, and the node starts and stores rather than exiting."""
+    database_url = f"sqlite:///{tmp_path / 'brain3d.db'}"
+    upgrade(database_url)
+    database = Database(database_url)
+    with database.session() as session:
+        study = Study(study_instance_uid="1.2.826.0.1.5")
+        series = Series(series_instance_uid="1.2.826.0.1.5.1", study=study, modality="MR")
+        session.add_all([study, series, Job(series=series)])  # queued, never sent
+    node = NodeProcess(tmp_path / "node", database_url=database_url, broker_url="redis://127.0.0.1:1/0")
+    with node:
+        assert "left to the workers' reconciler" in node.current_log()
+        dataset = mr_series(1)[0]
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        association = ae.associate("127.0.0.1", node.port, ae_title="BRAIN3D")
+        assert int(association.send_c_store(dataset).Status) == 0x0000
+        association.release()
+    with database.session() as session:
+        assert session.execute(select(Job.queued_at)).scalar_one() is None, "still waiting in SQL"
+        assert session.execute(select(Instance.sop_instance_uid)).scalar_one() == dataset.SOPInstanceUID
+    database.dispose()
 
 
 def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> None:
