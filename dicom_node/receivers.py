@@ -93,6 +93,7 @@ class ReceiverPool:
         self._receivers: list[_Receiver] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._stopped = threading.Event()  # every receiver joined
         self._monitor = threading.Thread(target=self._replace_dead, name="receiver-monitor", daemon=True)
 
     @property
@@ -128,6 +129,7 @@ class ReceiverPool:
                 log.error("receiver %d did not stop in time: killed", receiver.index)
                 receiver.process.kill()
                 receiver.process.join()
+        self._stopped.set()
         if self._monitor.is_alive():
             self._monitor.join()
         self.listener.close()
@@ -171,30 +173,43 @@ class ReceiverPool:
                 )
 
     def _replace_dead(self) -> None:
-        """Wait on the receivers' sentinels; one that ends outside a stop is audited and replaced."""
+        """Wait on the receivers' sentinels; one that ends outside a stop is audited and replaced.
+
+        The kernel kills a receiver when the *thread* that started it ends (``PR_SET_PDEATHSIG``),
+        and this thread starts the replacements: so it never ends before ``stop`` has joined
+        every receiver, and an error does not end it."""
         while not self._stopping.is_set():
+            try:
+                self._replace_ended()
+            except Exception:  # keep watching: a replacement that cannot start now may later
+                log.exception("replacing a receiver failed")
+                self._stopping.wait(0.5)
+        self._stopped.wait()
+
+    def _replace_ended(self) -> None:
+        """Replace, auditing each, the receivers that end within half a second."""
+        with self._lock:
+            by_sentinel = {receiver.process.sentinel: receiver for receiver in self._receivers}
+        ended = multiprocessing.connection.wait(list(by_sentinel), timeout=0.5)
+        if self._stopping.is_set():
+            return
+        for sentinel in ended:
+            dead = by_sentinel[sentinel]  # type: ignore[index]
+            dead.process.join()
+            log.error(
+                "receiver %d (pid %s) ended with exit code %s: starting a replacement",
+                dead.index,
+                dead.process.pid,
+                dead.process.exitcode,
+            )
+            self._audit_restart(dead)
+            replacement = self._start_receiver(dead.index)
             with self._lock:
-                by_sentinel = {receiver.process.sentinel: receiver for receiver in self._receivers}
-            ended = multiprocessing.connection.wait(list(by_sentinel), timeout=0.5)
-            if self._stopping.is_set():
-                return
-            for sentinel in ended:
-                dead = by_sentinel[sentinel]  # type: ignore[index]
-                dead.process.join()
-                log.error(
-                    "receiver %d (pid %s) ended with exit code %s: starting a replacement",
-                    dead.index,
-                    dead.process.pid,
-                    dead.process.exitcode,
-                )
-                self._audit_restart(dead)
-                replacement = self._start_receiver(dead.index)
-                with self._lock:
-                    self._receivers[self._receivers.index(dead)] = replacement
-                try:
-                    self._await_ready(replacement)
-                except RuntimeError:
-                    log.exception("replacement receiver %d did not start", dead.index)
+                self._receivers[self._receivers.index(dead)] = replacement
+            try:
+                self._await_ready(replacement)
+            except RuntimeError:
+                log.exception("replacement receiver %d did not start", dead.index)
 
     def _audit_restart(self, dead: _Receiver) -> None:
         try:

@@ -7,12 +7,16 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import require_tool
 from pacs import mr_series
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE
 from serve_harness import NodeProcess, wait_for
 from sqlalchemy import func, select
 
@@ -135,6 +139,32 @@ def test_a_killed_receiver_is_audited_and_replaced_and_the_node_keeps_serving(tm
             folders.append(tmp_path / f"sender{sender}")
         _send_concurrently(node.port, folders)
         wait_for(lambda: _stored_instances(node) == 40)
+
+
+def test_a_replacement_receiver_finishes_its_associations_at_stop(tmp_path: Path) -> None:
+    """A stop lets open associations finish, on a replacement receiver as on the first ones (the
+    kernel kills a receiver whose starting thread ends: the monitor that starts replacements
+    must outlive them)."""
+    first, second = mr_series(2)
+    with NodeProcess(tmp_path / "node", receiver_processes=1) as node:
+        (victim,) = node.receiver_pids()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: (pids := node.receiver_pids()) and victim not in pids)
+        wait_for(lambda: "starting a replacement" in node.current_log())
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        association = wait_for(
+            lambda: (a := ae.associate("127.0.0.1", node.port, ae_title="BRAIN3D")).is_established and a
+        )
+        assert int(association.send_c_store(first).Status) == 0x0000
+        stopping = threading.Thread(target=node.stop)
+        stopping.start()
+        time.sleep(2.0)  # stopping: the node accepts no new association, and drains this one
+        assert int(association.send_c_store(second).Status) == 0x0000
+        association.release()
+        stopping.join()
+        assert node.process is not None and node.process.returncode == 0
+    assert _stored_instances(node) == 2
 
 
 def test_receivers_die_with_a_killed_node(tmp_path: Path) -> None:
