@@ -99,12 +99,27 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 
 @config_app.command("show")
 def config_show(config: ConfigOption = None) -> None:
-    """Print the effective configuration as JSON (secrets masked)."""
+    """Print the effective configuration as JSON (secrets masked: the audit key, and the
+    passwords in the database and broker URLs)."""
     settings = settings_or_exit(config)
     data = settings.model_dump(mode="json")
     if data["database"].get("audit_key"):
         data["database"]["audit_key"] = "***"
+    data["database"]["url"] = _without_password(data["database"]["url"])
+    for key in ("broker_url", "result_backend"):
+        data["queue"][key] = _without_password(data["queue"][key])
     typer.echo(json.dumps(data, indent=2))
+
+
+def _without_password(url: str) -> str:
+    """``url`` (a database or broker URL) with its password, if any, shown as ``***``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # not a URL: it may still hold a password
+        return "***"
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]
@@ -159,9 +174,7 @@ def _echo_revision(settings: Settings) -> None:
 
 
 def _shown_url(settings: Settings) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(settings.database.url).render_as_string(hide_password=True)
+    return _without_password(settings.database.url)
 
 
 def migrated_database_or_exit(settings: Settings) -> Database:

@@ -12,9 +12,17 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -37,13 +45,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _ae_title_is_valid(value: str) -> str:
+    if value != value.strip() or "\\" in value or not value.isascii():
+        raise ValueError("must be ASCII without backslash or surrounding spaces")
+    return value
+
+
+#: A DICOM AE title (PS3.5 AE): 1-16 ASCII characters, no backslash; pynetdicom refuses others.
+AETitle = Annotated[str, Field(min_length=1, max_length=16), AfterValidator(_ae_title_is_valid)]
+
+
 class NodeSettings(_Section):
     """The DICOM application entity this node presents."""
 
-    ae_title: str = Field("BRAIN3D", min_length=1, max_length=16)
+    ae_title: AETitle = "BRAIN3D"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
-    allowed_calling_aes: list[str] = Field(
+    allowed_calling_aes: list[AETitle] = Field(
         default_factory=list, description="Calling AE titles accepted; empty accepts any."
     )
     max_associations: int = Field(25, ge=1, description="Simultaneous associations per receiver process.")
@@ -54,13 +72,6 @@ class NodeSettings(_Section):
     )
     max_pdu_size: int = Field(0, ge=0, description="0 means unlimited, as large PDUs are fastest.")
 
-    @field_validator("ae_title")
-    @classmethod
-    def _ae_title_is_valid(cls, value: str) -> str:
-        if value != value.strip() or "\\" in value or not value.isascii():
-            raise ValueError("must be ASCII without backslash or surrounding spaces")
-        return value
-
 
 class StorageSettings(_Section):
     """Where received instances and produced SRs are kept on disk."""
@@ -68,7 +79,10 @@ class StorageSettings(_Section):
     spool_dir: Path = DEFAULT_VAR_DIR / "spool"
     min_free_bytes: int = Field(1 << 30, ge=0)
     retention_hours: float = Field(
-        168.0, ge=0, description="Spooled series whose jobs ended are removed after this long."
+        168.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Spooled series whose jobs ended are removed after this long.",
     )
     work_dir: Path = DEFAULT_VAR_DIR / "work"
     reports_dir: Path = DEFAULT_VAR_DIR / "reports"
@@ -109,6 +123,14 @@ class WorkerSettings(_Section):
         description="How long a new worker child may take to load the model; Celery's default (4 s) "
         "killed every replacement of a lost child whose model took longer.",
     )
+
+    @model_validator(mode="after")
+    def _limits_are_ordered(self) -> WorkerSettings:
+        if self.hard_time_limit_s <= self.soft_time_limit_s:
+            raise ValueError("hard_time_limit_s must exceed soft_time_limit_s (the soft limit records why)")
+        if self.stale_after_s <= self.heartbeat_s:
+            raise ValueError("stale_after_s must exceed heartbeat_s, or every running job looks lost")
+        return self
 
 
 class DeliverySettings(_Section):
@@ -196,7 +218,7 @@ class DestinationSettings(_Section):
 
     host: str
     port: int = Field(ge=1, le=65535)
-    ae_title: str = Field(min_length=1, max_length=16)
+    ae_title: AETitle
     name: str = Field("", description="How deliveries and audit events name it; default AE@host:port.")
 
 
@@ -204,7 +226,7 @@ class ModelSettings(_Section):
     """The Brain3D checkpoint the workers run."""
 
     path: Path = Path(__file__).resolve().parent.parent / "inference" / "checkpoints" / "demo"
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     max_new_tokens: int = Field(160, ge=1)
     cpu_threads: int = Field(
         1,

@@ -89,12 +89,18 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert shown["destinations"][1]["name"] == "archive"
 
 
-def test_audit_key_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRAIN3D_DATABASE__AUDIT_KEY", "a secret that must never be printed")
+    monkeypatch.setenv("BRAIN3D_DATABASE__URL", "postgresql+psycopg://brain3d:S3cretPw@db:5432/brain3d")
+    monkeypatch.setenv("BRAIN3D_QUEUE__BROKER_URL", "redis://:R3disPw@redis:6379/0")
+    monkeypatch.setenv("BRAIN3D_QUEUE__RESULT_BACKEND", "db+postgresql://brain3d:S3cretPw@db/brain3d")
     result = CliRunner().invoke(app, ["config", "show"])
     assert result.exit_code == 0
-    assert "must never be printed" not in result.output
-    assert json.loads(result.stdout)["database"]["audit_key"] == "***"
+    assert not any(secret in result.output for secret in ("must never be printed", "S3cretPw", "R3disPw"))
+    shown = json.loads(result.stdout)
+    assert shown["database"]["audit_key"] == "***"
+    assert shown["database"]["url"] == "postgresql+psycopg://brain3d:***@db:5432/brain3d"
+    assert shown["queue"]["broker_url"] == "redis://:***@redis:6379/0"
 
 
 @pytest.mark.parametrize(
@@ -104,6 +110,16 @@ def test_audit_key_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
         ("", {"BRAIN3D_NODE__PORT": "eleven"}, "'node.port'"),
         ("[node]\ncolour = 'blue'\n", {}, "'node.colour'"),
         ("[node]\nae_title = 'AN_AE_TITLE_TOO_LONG'\n", {}, "'node.ae_title'"),
+        ("[node]\nallowed_calling_aes = ['MODALITY', 'BAD\\\\AE']\n", {}, "'node.allowed_calling_aes.1'"),
+        (
+            "[[destinations]]\nhost = 'h'\nport = 104\nae_title = 'PACS\u00dc'\n",
+            {},
+            "'destinations.0.ae_title'",
+        ),
+        ("[storage]\nretention_hours = inf\n", {}, "'storage.retention_hours'"),
+        ("[model]\ndevice = 'gpu'\n", {}, "'model.device'"),
+        ("[worker]\nsoft_time_limit_s = 900\nhard_time_limit_s = 600\n", {}, "hard_time_limit_s must exceed"),
+        ("[worker]\nheartbeat_s = 60\n", {}, "stale_after_s must exceed heartbeat_s"),
         ("[[destinations]]\nhost = '127.0.0.1'\nport = 104\n", {}, "'destinations.0.ae_title'"),
         ("", {"BRAIN3D_DESTINATIONS": '[{"host": "127.0.0.1"'}, "destinations"),
         ("[completion]\nstable_seconds = -1\n", {}, "'completion.stable_seconds'"),
