@@ -20,7 +20,9 @@ from pathlib import Path
 
 VALIDATORS = ("dciodvfy", "dsrdump")
 _TIMEOUT_S = 60
-_QUOTED_VALUE = re.compile(r"(\[\d+\] = )<[^<>]*>")  # "PN [0] = <DOE^JOHN>"; names are <...> too
+# "PN [1] = <DOE^JOHN> - Length invalid ...": the value runs to the ">" that ends the line or
+# precedes " - ", so a value holding "<" or ">" itself is withheld whole.
+_QUOTED_VALUE = re.compile(r"(\[\d+\] = )<.*?>(?= - |\s*$)")
 
 
 def available_validators() -> tuple[str, ...]:
@@ -57,8 +59,8 @@ def _dciodvfy(path: Path) -> list[str]:
         for line in lines
         if line.startswith("Error")
     ]
-    if result.returncode != 0 and not errors:
-        errors.append(f"dciodvfy: exit status {result.returncode}: {' '.join(lines[-3:])}")
+    if result.returncode != 0 and not errors:  # its other lines may quote values: not repeated
+        errors.append(f"dciodvfy: exit status {result.returncode} without an error line")
     return errors
 
 
@@ -66,8 +68,8 @@ def _dsrdump(path: Path) -> list[str]:
     result = _run("dsrdump", "+Pl", str(path))
     lines = result.stderr.splitlines()
     errors = [f"dsrdump: {line.strip()}" for line in lines if line.startswith(("E:", "F:"))]
-    if result.returncode != 0 and not errors:
-        errors.append(f"dsrdump: exit status {result.returncode}: {' '.join(lines[-3:])}")
+    if result.returncode != 0 and not errors:  # its other lines may quote values: not repeated
+        errors.append(f"dsrdump: exit status {result.returncode} without an error line")
     return errors
 
 
