@@ -231,6 +231,11 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
             if keyword in first:
                 del first[keyword]  # its element is shared with the caller's dataset
             setattr(first, keyword, "")
+    if first.get("SpecificCharacterSet"):
+        # The values copied from it are decoded already; UTF-8 holds them all, where highdicom
+        # refuses common declarations (Japanese "\\ISO 2022 IR 87", "ISO_IR 6").
+        del first.SpecificCharacterSet  # its element is shared with the caller's dataset
+        first.SpecificCharacterSet = "ISO_IR 192"
     return [first, *ordered[1:]]
 
 

@@ -352,6 +352,34 @@ def test_sparse_and_non_ascii_source_headers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("character_set", "name"),
+    [
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),  # Japanese, as PS3.5 H.3 writes it
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=홍^길동"),  # Korean
+        ("GB18030", "Wang^XiaoDong=王^小东"),
+        ("ISO_IR 6", "Doe^John"),  # the default repertoire, declared
+    ],
+    ids=["japanese", "korean", "chinese", "declared-ascii"],
+)
+def test_sources_in_any_character_set_give_a_utf8_sr_with_the_same_names(
+    tmp_path: Path, character_set: str | list[str], name: str
+) -> None:
+    """The names as the source decodes them, in UTF-8, where highdicom refuses to copy several
+    common declarations (the report would otherwise never be sent for such a site)."""
+    sources = []
+    for dataset in mr_series(2, patient_name=name, with_pixels=False):
+        dataset.SpecificCharacterSet = character_set
+        dataset.PatientName = name
+        written = _written(dataset, tmp_path, dataset.SOPInstanceUID)  # encoded in that set
+        sources.append(pydicom.dcmread(written, stop_before_pixels=True))
+    path = _written(_reports(sources).narrative, tmp_path, "n")
+    assert validate_sr(path) == []
+    back = pydicom.dcmread(path)
+    assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName) == name
+    assert sources[0].SpecificCharacterSet == character_set  # the caller's datasets are not modified
+
+
+@pytest.mark.parametrize(
     ("keyword", "value"),
     [
         ("PatientBirthDate", "1970-01-31"),  # ISO, not DICOM's YYYYMMDD: highdicom refuses it
