@@ -26,8 +26,9 @@ from datetime import datetime
 
 import highdicom as hd
 from pydicom import DataElement, Dataset, dcmwrite
+from pydicom import config as pydicom_config
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DA, DT, TM
+from pydicom.valuerep import DA, DT, TM, validate_value
 
 from dicom_node.identity import MANUFACTURER, SOFTWARE_VERSION, derived_uid
 from dicom_node.sr import codes as sr_codes
@@ -58,6 +59,8 @@ _PATIENT_STUDY_TYPE2 = (
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 _TEMPORAL_VRS = {"DA": DA, "DT": DT, "TM": TM}
 _PATIENT_SEXES = {"M", "F", "O"}  # PS3.3 C.7.1.1, the enumerated values highdicom accepts
+# The Type 3 attributes of the study modules highdicom copies (the Patient module: group 0010).
+_STUDY_TYPE3 = {"StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy"}
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,30 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
             if keyword in first:
                 del first[keyword]  # its element is shared with the caller's dataset
             setattr(first, keyword, "")
+    for element in list(first):
+        if _optional_patient_or_study(element) and not _valid_for_its_vr(element):
+            del first[element.tag]  # an age "45Y", a weight "72,5": the SR would fail validation
     if first.get("SpecificCharacterSet"):
         # The values copied from it are decoded already; UTF-8 holds them all, where highdicom
         # refuses common declarations (Japanese "\\ISO 2022 IR 87", "ISO_IR 6").
         del first.SpecificCharacterSet  # its element is shared with the caller's dataset
         first.SpecificCharacterSet = "ISO_IR 192"
     return [first, *ordered[1:]]
+
+
+def _optional_patient_or_study(element: DataElement) -> bool:
+    """A Type 3 attribute of the Patient or study modules, which highdicom copies into the SR."""
+    if element.keyword in _PATIENT_STUDY_TYPE2 or element.VR in ("SQ", "UI"):
+        return False
+    return element.tag.group == 0x0010 or element.keyword in _STUDY_TYPE3
+
+
+def _valid_for_its_vr(element: DataElement) -> bool:
+    try:
+        validate_value(element.VR, element.value, pydicom_config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _conforms(element: DataElement) -> bool:

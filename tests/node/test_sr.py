@@ -400,6 +400,20 @@ def test_a_malformed_type_2_value_is_left_empty_rather_than_failing_the_report(
     assert getattr(sources[0], keyword) == value  # the caller's datasets are not modified
 
 
+def test_malformed_optional_patient_and_study_values_are_left_out(tmp_path: Path) -> None:
+    """Type 3 values a scanner got wrong (an age "45Y", a weight "72,5") are not copied: the SR
+    would fail validation and never be sent. The identifiers are."""
+    sources = mr_series(2, with_pixels=False)
+    for ds in sources:
+        ds.PatientAge, ds.StudyDescription = "45Y", "MRI BRAIN " * 8  # AS is nnnY; LO holds 64
+    path = _written(_reports(sources).narrative, tmp_path, "n")
+    assert validate_sr(path) == []
+    written = pydicom.dcmread(path)
+    assert not {"PatientAge", "StudyDescription"} & set(written.dir())
+    assert (written.PatientID, written.PatientName) == (sources[0].PatientID, sources[0].PatientName)
+    assert sources[0].PatientAge == "45Y"  # the caller's datasets are not modified
+
+
 @pytest.mark.parametrize("name", ["DOE^JOHN" + "X" * 70, "DOE<JR>^JOHN" + "X" * 70], ids=["plain", "angled"])
 def test_validator_messages_withhold_the_values_they_quote(tmp_path: Path, name: str) -> None:
     """An invalid patient name (longer than PN's 64 characters) fails validation; the message
