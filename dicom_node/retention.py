@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import func, select, update
 
 from dicom_node.audit import AuditTrail, EventID, Outcome
-from dicom_node.db.models import FINAL_JOB_STATES, Job, Series, SeriesState, Study, as_utc
+from dicom_node.db.models import FINAL_JOB_STATES, Instance, Job, Series, SeriesState, Study, as_utc
 from dicom_node.db.session import Database
 from dicom_node.spool import Spool
 
@@ -80,6 +81,13 @@ class Retention:
                 due.append((series_id, study_uid, series_uid))
         return due
 
+    def _study_folders(self, series_id: int, study_uid: str) -> set[str]:
+        """The study folders the series' instances lie in (``<spool>/<study>/<series>/``): its
+        study's, and another where an instance re-sent under a corrected study UID was filed."""
+        with self.database.session() as session:
+            paths = session.execute(select(Instance.path).where(Instance.series_id == series_id)).scalars()
+            return {study_uid} | {Path(path).parent.parent.name for path in paths}
+
     def run_once(self) -> list[RemovedSeries]:
         now = datetime.now(UTC)
         removed: list[RemovedSeries] = []
@@ -93,7 +101,9 @@ class Retention:
                         .values(spool_removed_at=now)
                     )
 
-            if not self.spool.remove_series(study_uid, series_uid, self.guard_seconds, record_removal):
+            if not self.spool.remove_series(
+                self._study_folders(series_id, study_uid), series_uid, self.guard_seconds, record_removal
+            ):
                 continue  # written to just now: a late instance re-opens it instead
             removed.append(RemovedSeries(study_uid, series_uid))
             log.info("retention removed the spool of series %s", series_uid)

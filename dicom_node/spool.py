@@ -27,7 +27,7 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,29 +277,34 @@ class Spool:
         return SpooledInstance(target, size, sha256, written=not present)
 
     def remove_series(
-        self, study_uid: str, series_uid: str, idle_seconds: float, record_removal: Callable[[], None]
+        self,
+        study_uids: Collection[str],
+        series_uid: str,
+        idle_seconds: float,
+        record_removal: Callable[[], None],
     ) -> bool:
-        """Delete a series folder untouched for ``idle_seconds``; False if it was written since.
+        """Delete a series' folders (one per study its instances named: a study UID corrected
+        and the series re-sent files it anew) when all were untouched for ``idle_seconds``;
+        False if one was written since.
 
-        The folder's mtime changes with every rename into it, and the check, the delete and
+        A folder's mtime changes with every rename into it, and the check, the delete and
         ``record_removal`` (the SQL mark) happen under the lock ``store`` renames under: an
         instance that has just been written (and may be waiting for its SQL commit) is never
         deleted, and one re-sent now lands after the mark, which its SQL row then clears.
         """
-        folder = self.series_dir(study_uid, series_uid)
+        folders = [self.series_dir(study_uid, series_uid) for study_uid in sorted(set(study_uids))]
         with self._lock(series_uid):
-            if not folder.exists():
-                record_removal()
-                return True
-            if time.time() - folder.stat().st_mtime < idle_seconds:
+            present = [folder for folder in folders if folder.exists()]
+            if any(time.time() - folder.stat().st_mtime < idle_seconds for folder in present):
                 return False
-            shutil.rmtree(folder)
-            self._known_dirs.discard(folder)
-            fsync_dir(folder.parent)
-            try:
-                folder.parent.rmdir()  # the study folder, once its last series is gone
-                fsync_dir(self.root)
-            except OSError:
-                pass
+            for folder in present:
+                shutil.rmtree(folder)
+                self._known_dirs.discard(folder)
+                fsync_dir(folder.parent)
+                try:
+                    folder.parent.rmdir()  # the study folder, once its last series is gone
+                    fsync_dir(self.root)
+                except OSError:
+                    pass
             record_removal()
         return True

@@ -15,7 +15,7 @@ from sqlalchemy import insert, select, update
 from dicom_node.audit import AuditTrail
 from dicom_node.config import COUNT_RULE_KEYWORDS, CountRule
 from dicom_node.db.migrate import upgrade
-from dicom_node.db.models import Job, JobState, Series, SeriesState, Study
+from dicom_node.db.models import Instance, Job, JobState, Series, SeriesState, Study
 from dicom_node.db.session import Database
 from dicom_node.ingest import Ingest, InstanceHeaders, InstanceOutcome, MalformedDatasetError, read_headers
 from dicom_node.retention import Retention
@@ -121,6 +121,37 @@ def test_retention_removes_only_series_whose_jobs_ended(database_url: str, tmp_p
     assert removed_at[ineligible] and removed_at[finished]
     assert removed_at[running] is None and removed_at[recent] is None
     assert audit.verify().ok
+    database.dispose()
+
+
+def test_retention_removes_a_series_filed_under_two_studies(sqlite_url: str, tmp_path: Path) -> None:
+    """A PACS re-sending a series under a corrected StudyInstanceUID files it in a second study
+    folder; the series row keeps its first study. Retention removes both, or patient data stays."""
+    upgrade(sqlite_url)
+    database = Database(sqlite_url)
+    spool = Spool(tmp_path / "spool")
+    series_id = _series(database, spool, "1.5", "1.5.1", eligible=False)
+    corrected = spool.series_dir("1.6", "1.5.1")
+    corrected.mkdir(parents=True)
+    (corrected / "2.dcm").write_bytes(b"instance")
+    with database.session() as session:
+        for path in (spool.series_dir("1.5", "1.5.1") / "1.dcm", corrected / "2.dcm"):
+            session.execute(
+                insert(Instance).values(
+                    sop_instance_uid=f"1.5.1.{path.stem}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    series_id=series_id,
+                    path=str(path),
+                    size_bytes=8,
+                    sha256=path.stem * 64,
+                )
+            )
+    retention = Retention(
+        database, spool, AuditTrail(database, b"k" * 32), retention_hours=1, guard_seconds=0
+    )
+    assert [removed.series_uid for removed in retention.run_once()] == ["1.5.1"]
+    assert not spool.series_dir("1.5", "1.5.1").exists() and not corrected.exists()
     database.dispose()
 
 

@@ -34,7 +34,7 @@ def test_a_folder_removed_behind_the_spools_back_is_made_again(tmp_path: Path) -
 def test_remove_series_forgets_the_folder(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     stored = _store(spool, "1.2.3.1.1", b"x" * 64)
-    assert spool.remove_series("1.2.3", "1.2.3.1", idle_seconds=0, record_removal=lambda: None)
+    assert spool.remove_series(["1.2.3"], "1.2.3.1", idle_seconds=0, record_removal=lambda: None)
     assert not stored.path.parent.exists()
     again = _store(spool, "1.2.3.1.1", b"x" * 64)
     assert again.written and again.path.is_file(), "stored anew once the series was removed"
@@ -101,6 +101,6 @@ def test_a_series_is_marked_removed_before_a_resend_can_land_in_it(tmp_path: Pat
         resend.join(timeout=0.3)  # the re-send waits for the lock
         order.append("marked removed")
 
-    assert spool.remove_series("1.2.3", "1.2.3.1", idle_seconds=0, record_removal=record_removal)
+    assert spool.remove_series(["1.2.3"], "1.2.3.1", idle_seconds=0, record_removal=record_removal)
     resend.join()
     assert order == ["marked removed", "re-sent"]
