@@ -38,6 +38,8 @@ _FLAIR_WORDS = re.compile(r"flair|dark[-_ ]?fluid|\bflr\b|_flr_", re.I)
 _T1_FLAIR_WORDS = re.compile(r"t1[-_ ]?(w[-_ ]?)?flair", re.I)
 _LOCALIZER_WORDS = re.compile(r"locali[sz]er|scout|survey|\bloc\b|3[-_ ]?plane", re.I)
 _DIFFUSION_WORDS = re.compile(r"\bdwi\b|diff|trace|\badc\b|\bdti\b", re.I)
+# A classic header holds one TI, so double inversion recovery is told by its name (only excludes).
+_DIR_WORDS = re.compile(r"(?<![a-z])dir(?![a-z])|double[-_ ]?inv", re.I)
 _DIFFUSION_SEQUENCE_NAME = re.compile(r"ep_b\d+|ep2d_diff|re_b\d+", re.I)
 _DERIVED_IMAGE_TYPES = frozenset(
     {
@@ -252,7 +254,8 @@ def _classify(ds: Dataset, settings: RoutingSettings) -> RoutingDecision:
                 sequence,
             )
         return RoutingDecision(False, f"not_inversion_recovery: {sequence} ({summary})", sequence)
-    if len(p.inversion_times) > 1:
+    named = _text(ds, "SeriesDescription", "ProtocolName", "SequenceName")
+    if len(p.inversion_times) > 1 or _DIR_WORDS.search(named):
         return RoutingDecision(False, f"double_inversion_recovery: {summary}", "DIR")
 
     ti, te, tr = p.inversion_time, p.echo_time, p.repetition_time

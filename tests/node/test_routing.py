@@ -399,6 +399,21 @@ CASES: list[tuple[str, dict[str, Any], bool, str, str]] = [
         "double_inversion_recovery",
         "DIR",
     ),
+    (
+        "Classic double inversion recovery: one TI in the header, FLAIR-like physics, named",
+        dict(
+            BodyPartExamined="BRAIN",
+            SeriesDescription="t2_spc_DIR_sag",
+            ScanningSequence=["SE", "IR"],
+            MRAcquisitionType="3D",
+            RepetitionTime="7500",
+            EchoTime="320",
+            InversionTime="3000",
+        ),
+        False,
+        "double_inversion_recovery",
+        "DIR",
+    ),
 ]
 
 
