@@ -20,6 +20,7 @@ import dicom2nifti.settings
 import nibabel as nib
 import numpy as np
 import pydicom
+from dicom2nifti import convert_generic
 from dicom2nifti.exceptions import ConversionError as Dicom2niftiConversionError
 from dicom2nifti.exceptions import ConversionValidationError
 from pydicom.dataset import Dataset
@@ -144,9 +145,14 @@ def series_to_nifti(
     nifti_path = out / "series.nii.gz"
     _configure_dicom2nifti()
     try:
-        result = dicom2nifti.convert_dicom.dicom_array_to_nifti(
-            datasets, str(nifti_path), reorient_nifti=False
-        )
+        if int(datasets[0].get("NumberOfFrames") or 1) > 1:  # one instance: checked above
+            # What dicom2nifti's Siemens, Philips and generic converters do with an anatomical
+            # multi-frame instance; its GE converter reads none.
+            result = convert_generic.multiframe_to_nifti(datasets, str(nifti_path))
+        else:
+            result = dicom2nifti.convert_dicom.dicom_array_to_nifti(
+                datasets, str(nifti_path), reorient_nifti=False
+            )
     except (Dicom2niftiConversionError, ConversionValidationError) as exc:
         raise ConversionError(f"dicom2nifti: {exc}") from None
     except (ValueError, KeyError, AttributeError, IndexError) as exc:

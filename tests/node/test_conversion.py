@@ -50,6 +50,20 @@ def test_round_trip_is_exact_for_unrotated_planes(tmp_path, options) -> None:
     assert (tmp_path / "work" / "series.nii.gz").is_file()
 
 
+@pytest.mark.parametrize("manufacturer", ["GE MEDICAL SYSTEMS", "SIEMENS", "Philips Medical Systems"])
+def test_an_enhanced_series_converts_whatever_its_vendor(tmp_path, manufacturer: str) -> None:
+    """dicom2nifti's GE converter reads no multi-frame instance; its Siemens and Philips ones hand
+    an anatomical one to the generic converter, which every vendor's now goes through."""
+    volume = _volume()
+    (path,) = write_series(tmp_path / "dicom", volume, AFFINE, seed=1, enhanced=True)
+    dataset = pydicom.dcmread(path)
+    dataset.Manufacturer = manufacturer
+    dataset.save_as(path)
+    image = series_to_nifti([path], tmp_path / "work")
+    np.testing.assert_allclose(image.affine, AFFINE, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), volume)
+
+
 def test_rescaled_intensities_come_back(tmp_path) -> None:
     volume = np.linspace(-1.0, 3.0, 24 * 22 * 18).reshape(24, 22, 18)
     files = write_series(tmp_path / "dicom", volume, AFFINE, seed=1, rescale=True)
