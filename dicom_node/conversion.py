@@ -138,7 +138,8 @@ def series_to_nifti(
         raise ConversionError("no_pixel_data: an instance carries no pixel data")
     if len(datasets) > 1 and any(int(ds.get("NumberOfFrames") or 1) > 1 for ds in datasets):
         raise ConversionError(
-            f"split_multiframe: a series of {len(datasets)} multi-frame instances (dicom2nifti reads one)"
+            f"split_multiframe: {len(datasets)} instances, multi-frame among them (dicom2nifti reads "
+            "a multi-frame series only as one instance)"
         )
     out = Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)

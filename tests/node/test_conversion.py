@@ -128,5 +128,5 @@ def test_an_enhanced_series_split_over_two_instances_is_refused_not_halved(tmp_p
         part.InstanceNumber = number
         parts.append(tmp_path / f"part{number}.dcm")
         part.save_as(parts[-1], enforce_file_format=True)
-    with pytest.raises(ConversionError, match="split_multiframe: a series of 2 multi-frame instances"):
+    with pytest.raises(ConversionError, match="split_multiframe: 2 instances, multi-frame among them"):
         series_to_nifti(parts, tmp_path / "work")
