@@ -92,8 +92,10 @@ def run_job(job_id: int) -> None:
             return
         book.complete(job_id, Step.CONVERT, input_hash=sources.input_hash)
         book.event(job, "conversion", Outcome.SUCCESS, {"instances": len(sources.paths)})
-    elif book.get(job_id).state.is_final:  # e.g. failed: too many interrupted conversions
-        return
+    else:
+        current = book.get(job_id)
+        if current.state.is_final or current.conversion_finished_at is None:
+            return  # ended (e.g. too many interrupted conversions), or another copy converts it
     stages_from(current_app, job_id, Step.INFER).apply_async()
 
 
