@@ -17,6 +17,9 @@ size from the tumour core's equivalent radius, ventricular compression when the 
 the periventricular box of :mod:`inference.synthetic`; midline shift is not derived (False).
 Findings of TextBraTS reports are read with :func:`inference.report_schema.parse`.
 
+Healthy controls: in a BIDS tree, the files with the ``FLAIR`` suffix, one subject per ``sub-``
+entity (its sessions share a split); elsewhere every NIfTI, one subject per top folder.
+
 Splits are by subject, stratified by side, seeded (70/10/20). A BraTS 2021 case and its BraTS
 2023 renaming are one subject; BraTS 2020 cannot be mixed with the later editions in one import
 (they share patients under names no published table maps).
@@ -46,8 +49,12 @@ from inference.report_schema import render as render_report
 from inference.synthetic import LOBE_CODES, SIZE_RADIUS_MM, lobe_map, ventricle_box
 
 _FLAIR = re.compile(r"^(?P<case>.+?)(?:_flair|-t2f)\.nii(?:\.gz)?$")
-#: MNI brain extent (mm) the head's bounding box is mapped onto, per RAS axis.
-MNI_BRAIN_BOX = np.array([[-70.0, 70.0], [-104.0, 70.0], [-48.0, 80.0]])
+#: MNI brain extent (mm) the head's bounding box is mapped onto, per RAS axis: that of the MNI152
+#: brain mask (``inference.synthetic.load_anatomy``), cerebellum included (tested).
+MNI_BRAIN_BOX = np.array([[-72.0, 72.0], [-105.0, 72.0], [-72.0, 81.0]])
+#: The BIDS subject entity, and a BIDS file's suffix (its contrast, e.g. ``FLAIR``, ``T1w``).
+_BIDS_SUBJECT = re.compile(r"(?:^|[/_])(sub-[A-Za-z0-9]+)")
+_BIDS_SUFFIX = re.compile(r"_(?P<suffix>[A-Za-z0-9]+)\.nii(?:\.gz)?$")
 
 
 def _subject_of(case: str) -> str:
@@ -138,6 +145,23 @@ def _find_reports(reports_dir: Path | None) -> dict[str, Path]:
     return {p.name[: -len("_flair_text.txt")]: p for p in reports_dir.rglob("*_flair_text.txt")}
 
 
+def _healthy_flairs(healthy_dir: Path | None) -> list[tuple[Path, str, str]]:
+    """(path, case id, subject) of each FLAIR under ``healthy_dir``: in a BIDS tree only files with
+    the ``FLAIR`` suffix (not its T1w or T2w), the subject its ``sub-`` entity (so that sessions of one
+    person share a split); elsewhere every NIfTI, the subject its top folder (or its own name)."""
+    found = []
+    for path in sorted(healthy_dir.rglob("*.nii*") if healthy_dir else []):
+        relative = path.relative_to(healthy_dir).as_posix()
+        bids_subject = _BIDS_SUBJECT.search(relative)
+        suffix = _BIDS_SUFFIX.search(path.name)
+        if bids_subject and not (suffix and suffix.group("suffix").upper() == "FLAIR"):
+            continue
+        stem = re.sub(r"\.nii(\.gz)?$", "", relative)
+        subject = bids_subject.group(1) if bids_subject else stem.split("/")[0]
+        found.append((path, "healthy-" + stem.replace("/", "_"), "healthy-" + subject))
+    return found
+
+
 def import_brats(
     brats_dir: Path | None,
     out: Path,
@@ -179,12 +203,11 @@ def import_brats(
         if seg_path is not None:
             entry["seg"] = os.path.relpath(seg_path.resolve(), base)
         entries.append(entry)
-    for path in sorted(healthy_dir.rglob("*.nii*") if healthy_dir else []):
-        case = "healthy-" + re.sub(r"\.nii(\.gz)?$", "", path.name)
+    for path, case, subject in _healthy_flairs(healthy_dir):
         entries.append(
             {
                 "id": case,
-                "subject": case,
+                "subject": subject,
                 "source": "healthy",
                 "path": os.path.relpath(path.resolve(), base),
                 "format": "nifti",

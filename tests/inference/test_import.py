@@ -166,6 +166,58 @@ def test_patients_and_controls_share_one_loader(tmp_path: Path) -> None:
     assert lps_patient[0, :, :, GRID[2] // 2 :].max() > lps_patient[0, :, :, : GRID[2] // 2].max() - 1e-6
 
 
+def test_a_bids_tree_of_controls_gives_its_flairs_one_subject_each(tmp_path: Path) -> None:
+    """Two sessions of one person land in one split; a T1w beside the FLAIR is not taken for a
+    FLAIR; files of one name in several folders get ids of their own."""
+    volume, affine = phantom_head(blob_offset_mm=None, seed=5)
+    healthy = tmp_path / "healthy"
+    for relative in (
+        "sub-01/ses-1/anat/sub-01_ses-1_FLAIR.nii.gz",
+        "sub-01/ses-2/anat/sub-01_ses-2_FLAIR.nii.gz",
+        "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+        "sub-02/anat/sub-02_FLAIR.nii.gz",
+        "site-a/flair.nii.gz",
+        "site-b/flair.nii.gz",
+    ):
+        (healthy / relative).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(volume, affine), healthy / relative)
+    from inference.data_import import import_brats
+
+    entries = import_brats(None, tmp_path / "manifest.jsonl", None, healthy)
+    subjects = {entry["id"]: entry["subject"] for entry in entries}
+    assert subjects == {
+        "healthy-sub-01_ses-1_anat_sub-01_ses-1_FLAIR": "healthy-sub-01",
+        "healthy-sub-01_ses-2_anat_sub-01_ses-2_FLAIR": "healthy-sub-01",
+        "healthy-sub-02_anat_sub-02_FLAIR": "healthy-sub-02",
+        "healthy-site-a_flair": "healthy-site-a",
+        "healthy-site-b_flair": "healthy-site-b",
+    }
+    splits = {entry["split"] for entry in entries if entry["subject"] == "healthy-sub-01"}
+    assert len(splits) == 1
+
+
+def test_lobes_rendered_from_labels_match_where_the_lesion_lies() -> None:
+    """A segmentation on a skull-stripped MNI brain (as BraTS gives them) names the lobe the lesion
+    was planned in: the brain box the head is mapped onto is the MNI brain's, cerebellum included."""
+    from inference.data_import import MNI_BRAIN_BOX, findings_from_segmentation
+    from inference.synthetic import _template_world, load_anatomy, plan_lesion, template_affine
+
+    anatomy, world = load_anatomy(), _template_world()
+    brain = anatomy.brain > 0.5
+    points = world[:, brain]
+    np.testing.assert_array_equal(MNI_BRAIN_BOX, np.stack([points.min(1), points.max(1)], axis=1))
+    flair = nib.Nifti1Image(np.where(brain, anatomy.gm * 700 + anatomy.wm * 500 + 60, 0), template_affine())
+    rng = np.random.default_rng(1)
+    agree = 0
+    for _ in range(60):
+        plan = plan_lesion(rng)
+        distance = np.linalg.norm(world - plan.center[:, None, None, None], axis=0)
+        labels = np.where(distance < 5, 1, np.where(distance < 8, 2, 0)).astype(np.uint8)
+        findings = findings_from_segmentation(flair, nib.Nifti1Image(labels, template_affine()), 4)
+        agree += findings.lobes == {plan.lobe}
+    assert agree >= 54, f"{agree} of 60 lesions in their planned lobe"
+
+
 def test_splits_are_seeded_and_stratified_by_side() -> None:
     from inference.dataset import assign_splits
 
