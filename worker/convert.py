@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from dicom_node.conversion import series_to_nifti
+from dicom_node.conversion import ConversionError, series_to_nifti
 from dicom_node.db import Instance, Job
 from worker.runtime import Runtime
 
@@ -78,14 +78,18 @@ def work_dir(runtime: Runtime, job_id: int) -> Path:
 
 def convert(runtime: Runtime, job: Job, sources: SourceInstances) -> None:
     """Convert ``sources`` (:func:`source_instances` of the job's series) and write the prepared
-    model input, and which instances it read; raises on bad geometry."""
+    model input, and which instances it read; raises :class:`ConversionError` (bad geometry, an
+    image that is no head) for a series the model must not read."""
     from inference.configuration_brain3d import Brain3DConfig
     from inference.preprocessing import prepare
 
     folder = work_dir(runtime, job.id)
     image = series_to_nifti(sources.paths, folder)
     config = Brain3DConfig.from_pretrained(runtime.settings.model.path)
-    volume = prepare(image, config)
+    try:
+        volume = prepare(image, config)
+    except ValueError as error:  # in the image itself (constant, no head): not analysed, and why
+        raise ConversionError(f"prepare: {error}") from None
     np.save(folder / VOLUME_FILE, volume.numpy().astype(np.float32), allow_pickle=False)
     (folder / SOURCES_FILE).write_text(json.dumps(sources.instance_ids))
 

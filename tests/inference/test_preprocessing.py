@@ -89,6 +89,17 @@ def test_foreground_mask_covers_the_head_including_the_dark_skull() -> None:
     assert np.all(mask[head])
 
 
+@pytest.mark.parametrize("where", ["inside the head", "in a corner"])
+def test_a_few_voxels_far_brighter_than_the_head_are_refused_not_read_as_empty(where: str) -> None:
+    """Otsu's threshold then separates the hot spot from everything else: the "head" would be a
+    speck and the model's input all zeros, which reads as a normal study."""
+    volume, affine = phantom_head(blob_offset_mm=None)
+    spot = tuple(np.array(volume.shape) // 2) if where == "inside the head" else (0, 0, 0)
+    volume[spot] = volume.max() * 1e4
+    with pytest.raises(ValueError, match="not a head: a few voxels far brighter than the rest"):
+        prepare(nib.Nifti1Image(volume, affine), GRID)
+
+
 def test_constant_volume_is_refused() -> None:
     with pytest.raises(ValueError, match="constant"):
         prepare(nib.Nifti1Image(np.ones((10, 10, 10), dtype=np.float32), np.eye(4)), GRID)
