@@ -500,6 +500,9 @@ class AuditTrail:
                 origin = connection.execute(
                     select(AuditEvent.chain_hash).order_by(AuditEvent.id).limit(1)
                 ).scalar_one()
+            evidence = self._head_file is not None and not _names_a_row(
+                connection, self._head_file.read(), origin
+            )
             connection.commit()
 
         head = ChainHead(row_id=row_id, sequence=sequence, chain_hash=signed, origin=origin)
@@ -512,7 +515,13 @@ class AuditTrail:
             event.value,
             int(outcome),
         )
-        if self._head_file is not None:
+        if evidence:  # the file names rows the table no longer holds: kept for verify to report
+            logger.error(
+                "audit head file %s names rows the table no longer holds (cut, emptied or replaced): "
+                "kept as evidence, not advanced; `brain3d audit verify` reports it",
+                self._head_file.path if self._head_file else None,
+            )
+        elif self._head_file is not None:
             self._head_file.advance(head)
         return AuditEvent(id=row_id, **values)
 
@@ -565,6 +574,10 @@ class AuditTrail:
         expected_sequence = 1
         origin: str | None = None
         last: ChainHead | None = None
+        # Read before the rows: an event appended meanwhile leaves the file behind what is scanned
+        # (a note), never ahead of it, which would read as a cut tail.
+        recorded = self._head_file.read() if self._head_file is not None else None
+        hash_at_recorded: str | None = None
         with self._database.engine.connect() as connection:
             rows = connection.execution_options(yield_per=1000).execute(
                 select(AuditEvent).order_by(AuditEvent.id)
@@ -620,18 +633,21 @@ class AuditTrail:
                         )
                     expected_sequence = sequence + 1
                 expected_previous = row["chain_hash"]
+                if recorded is not None and row_id == recorded.row_id:
+                    hash_at_recorded = row["chain_hash"]
                 if origin is None:
                     origin = row["chain_hash"]
                 last = ChainHead(row_id, expected_sequence - 1, row["chain_hash"], origin)
         report.head = last
-        self._check_head_file(report)
+        self._check_head_file(report, recorded, hash_at_recorded)
         return report
 
-    def _check_head_file(self, report: VerificationReport) -> None:
+    def _check_head_file(
+        self, report: VerificationReport, recorded: ChainHead | None, hash_at_recorded: str | None
+    ) -> None:
         if self._head_file is None:
             report.notes.append("no head file configured: a cut-off tail cannot be detected")
             return
-        recorded = self._head_file.read()
         report.head_file = recorded
         head = report.head
         if recorded is None:
@@ -682,11 +698,32 @@ class AuditTrail:
                     f"row {head.row_id} is not the row the head file records at sequence {head.sequence}",
                 )
             )
+        elif recorded.sequence < head.sequence and hash_at_recorded != recorded.chain_hash:
+            report.problems.append(
+                ChainProblem(
+                    "head_mismatch",
+                    recorded.row_id,
+                    recorded.sequence,
+                    f"row {recorded.row_id} is not the row the head file records at sequence "
+                    f"{recorded.sequence}: the rows after an earlier head were replaced",
+                )
+            )
         elif recorded.sequence < head.sequence:
             report.notes.append(
                 f"head file is behind the table (sequence {recorded.sequence} < {head.sequence}): "
                 "a writer stopped between commit and head update"
             )
+
+
+def _names_a_row(connection: Connection, recorded: ChainHead | None, origin: str) -> bool:
+    """Whether the head file's head is a row of the chain that starts at ``origin`` (or there is
+    no head file yet): a writer must not overwrite evidence that rows were cut or replaced."""
+    if recorded is None:
+        return True
+    held = connection.execute(
+        select(AuditEvent.chain_hash).where(AuditEvent.id == recorded.row_id)
+    ).scalar_one_or_none()
+    return recorded.origin == origin and held == recorded.chain_hash
 
 
 def _column_mismatch(row: Mapping[str, Any], document: Mapping[str, Any]) -> str | None:

@@ -178,6 +178,50 @@ def test_emptied_table_is_detected(trail: AuditTrail, database: Database) -> Non
     assert [problem.kind for problem in trail.verify().problems] == ["tail_cut"]
 
 
+@pytest.mark.parametrize(
+    ("statement", "kind"),
+    [
+        ("DELETE FROM audit_events WHERE event_id IN ('110104', '110106')", "head_mismatch"),
+        ("DELETE FROM audit_events", "head_mismatch"),
+    ],
+    ids=["cut-tail", "emptied"],
+)
+def test_a_cut_stays_detected_after_later_events(
+    trail: AuditTrail, database: Database, statement: str, kind: str
+) -> None:
+    """Writers never overwrite a head file that names rows the table no longer holds: after a cut
+    (or an emptied table) and more events than were cut, verify still fails."""
+    _record_three(trail)
+    _tamper(database, statement)
+    for _ in range(4):
+        trail.record(
+            EventID.APPLICATION_ACTIVITY, Outcome.SUCCESS, event_type=EventTypeCode.APPLICATION_START
+        )
+    report = trail.verify()
+    assert not report.ok and kind in {problem.kind for problem in report.problems}
+
+
+def test_verify_while_events_are_appended_finds_no_cut(trail: AuditTrail) -> None:
+    """The head file is read before the rows: appends during a verify leave it behind, not ahead."""
+    _record_three(trail)
+    stop = threading.Event()
+
+    def append() -> None:
+        while not stop.is_set():
+            trail.record(
+                EventID.APPLICATION_ACTIVITY, Outcome.SUCCESS, event_type=EventTypeCode.APPLICATION_START
+            )
+
+    writer = threading.Thread(target=append)
+    writer.start()
+    try:
+        reports = [trail.verify() for _ in range(15)]
+    finally:
+        stop.set()
+        writer.join()
+    assert [problem.kind for report in reports for problem in report.problems] == []
+
+
 def test_row_inserted_without_the_key_is_detected(trail: AuditTrail, database: Database) -> None:
     _record_three(trail)
     last = _rows(database)[-1]
