@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, insert, select, text
+from sqlalchemy import Connection, func, insert, select, text
 
 from dicom_node.db.models import AuditEvent, as_utc
 
@@ -478,7 +478,7 @@ class AuditTrail:
                 previous_hash, sequence = GENESIS_HASH, 1
             else:
                 previous_hash = previous.chain_hash
-                sequence = int(json.loads(previous.document)["sequence"]) + 1
+                sequence = _sequence_after(connection, previous.document)
             body["sequence"] = sequence
             document = canonical_json(body)
             signed = chain_hash(self._key, previous_hash, document)
@@ -713,6 +713,16 @@ class AuditTrail:
                 f"head file is behind the table (sequence {recorded.sequence} < {head.sequence}): "
                 "a writer stopped between commit and head update"
             )
+
+
+def _sequence_after(connection: Connection, last_document: str) -> int:
+    """The next sequence number. A last row edited into no audit event (which ``verify``
+    reports) must not stop the node auditing: the rows are counted instead."""
+    try:
+        return int(json.loads(last_document)["sequence"]) + 1
+    except (ValueError, KeyError, TypeError):
+        logger.error("the last audit row is not an audit event (edited?): numbering after the row count")
+        return int(connection.execute(select(func.count()).select_from(AuditEvent)).scalar_one()) + 1
 
 
 def _names_a_row(connection: Connection, recorded: ChainHead | None, origin: str) -> bool:

@@ -323,7 +323,10 @@ def audit_verify(config: ConfigOption = None, as_json: JsonOption = False) -> No
     database = migrated_database_or_exit(settings)
     trail = _audit_trail_or_exit(settings, database)
     report = trail.verify()
-    _record_audit_log_used(trail, "verify", {"ok": report.ok, "rows_checked": report.rows_checked})
+    try:
+        _record_audit_log_used(trail, "verify", {"ok": report.ok, "rows_checked": report.rows_checked})
+    except Exception as exc:  # the report still goes out: it is what the operator needs now
+        typer.echo(f"warning: this verification could not be audited ({type(exc).__name__})", err=True)
     database.dispose()
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

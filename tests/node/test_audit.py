@@ -201,6 +201,17 @@ def test_a_cut_stays_detected_after_later_events(
     assert not report.ok and kind in {problem.kind for problem in report.problems}
 
 
+def test_a_last_row_edited_into_no_event_is_reported_and_auditing_goes_on(
+    trail: AuditTrail, database: Database
+) -> None:
+    _record_three(trail)
+    _tamper(database, "UPDATE audit_events SET document = '{}' WHERE event_id = '110106'")
+    trail.record(EventID.APPLICATION_ACTIVITY, Outcome.SUCCESS, event_type=EventTypeCode.APPLICATION_START)
+    kinds = {problem.kind for problem in trail.verify().problems}
+    assert "bad_document" in kinds and "edited" in kinds
+    assert json.loads(_rows(database)[-1].document)["sequence"] == 4
+
+
 def test_verify_while_events_are_appended_finds_no_cut(trail: AuditTrail) -> None:
     """The head file is read before the rows: appends during a verify leave it behind, not ahead."""
     _record_three(trail)
