@@ -340,12 +340,17 @@ class HeadFile:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._thread_lock, open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        # Opened read-only (flock needs no more): a lock file another user made still opens.
+        lock = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            with self._thread_lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            os.close(lock)
 
     def advance(self, head: ChainHead) -> None:
         """Record ``head`` unless the file already holds a later head of the same chain.
@@ -366,6 +371,13 @@ class HeadFile:
                 )
             descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".audit-head-")
             try:
+                with contextlib.suppress(FileNotFoundError):
+                    # Keep the file's owner and mode: written by `sudo brain3d audit verify`, a
+                    # root-owned head file would stop the service auditing.
+                    kept = self.path.stat()
+                    os.fchmod(descriptor, kept.st_mode & 0o777)
+                    if os.geteuid() == 0:
+                        os.fchown(descriptor, kept.st_uid, kept.st_gid)
                 os.write(descriptor, head.to_json().encode("utf-8"))
                 os.fsync(descriptor)
                 os.close(descriptor)

@@ -315,6 +315,22 @@ def test_concurrent_processes_keep_one_chain(trail: AuditTrail, database: Databa
     assert report.rows_checked == 45
 
 
+def test_the_head_file_keeps_its_owner_and_mode(tmp_path: Path) -> None:
+    """An administrator's `sudo brain3d audit verify` appends (Audit Log Used) and so rewrites the
+    head file: it must stay the service's, or the service could no longer read it."""
+    head_file = HeadFile(tmp_path / "audit.head")
+    head_file.advance(ChainHead(row_id=1, sequence=1, chain_hash="a" * 64, origin="o" * 64))
+    os.chmod(head_file.path, 0o640)
+    as_root = os.geteuid() == 0
+    service_user = 4242 if as_root else os.getuid()  # as root, another owner to keep
+    if as_root:
+        os.chown(head_file.path, service_user, service_user)
+    head_file.advance(ChainHead(row_id=2, sequence=2, chain_hash="b" * 64, origin="o" * 64))
+    kept = head_file.path.stat()
+    assert (kept.st_mode & 0o777, kept.st_uid) == (0o640, service_user)
+    assert head_file.read() == ChainHead(row_id=2, sequence=2, chain_hash="b" * 64, origin="o" * 64)
+
+
 def test_head_file_never_moves_backwards(tmp_path: Path) -> None:
     head_file = HeadFile(tmp_path / "audit.head")
     head_file.advance(ChainHead(row_id=9, sequence=9, chain_hash="b" * 64, origin="o" * 64))
