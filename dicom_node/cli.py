@@ -178,12 +178,20 @@ def _shown_url(settings: Settings) -> str:
 
 
 def migrated_database_or_exit(settings: Settings) -> Database:
-    """The configured database, or one line and exit 2 when it was never migrated."""
+    """The configured database, or one line and exit 2 when it is not at this code's revision."""
     from dicom_node.db import Database, migrate
 
-    if migrate.current_revision(settings.database.url) is None:
+    current = migrate.current_revision(settings.database.url)
+    if current is None:
         typer.echo(
             f"error: database {_shown_url(settings)} is not initialised: run 'brain3d db upgrade'", err=True
+        )
+        raise typer.Exit(2)
+    if current != migrate.head_revision():
+        typer.echo(
+            f"error: database {_shown_url(settings)} is at revision {current}, this code needs "
+            f"{migrate.head_revision()}: run 'brain3d db upgrade'",
+            err=True,
         )
         raise typer.Exit(2)
     return Database(settings.database.url)

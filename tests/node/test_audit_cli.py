@@ -254,6 +254,11 @@ def test_commands_on_an_uninitialised_database_say_so(node_env: dict[str, str]) 
 def test_db_downgrade_to_base_and_current(database: Database) -> None:
     code, out, _ = brain3d("db", "current")
     assert code == 0 and out.split() == ["current:", "0003", "head:", "0003"]
+    # Code newer than its database (updated, not yet upgraded): a clear refusal, not a traceback.
+    code, _, _ = brain3d("db", "downgrade", "--revision", "0001")
+    assert code == 0
+    code, _, err = brain3d("audit", "jobs")
+    assert code == 2 and "is at revision 0001, this code needs 0003: run 'brain3d db upgrade'" in err
     code, out, _ = brain3d("db", "downgrade", "--revision", "base")
     assert code == 0 and out.strip().endswith("at revision none")
     code, _, _ = brain3d("audit", "verify")
