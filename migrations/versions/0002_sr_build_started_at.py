@@ -24,5 +24,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as jobs:
+    # SQLite drops the column in place (3.35+): copying the table, as batch mode would, breaks
+    # the foreign keys that point at jobs once rows exist.
+    with op.batch_alter_table("jobs", recreate="never") as jobs:
         jobs.drop_column("sr_build_started_at")

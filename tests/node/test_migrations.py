@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from dicom_node.db import Base
+from dicom_node.db import Base, Database, Delivery, Job, Series, Study
 from dicom_node.db.migrate import current_revision, downgrade, head_revision, upgrade
 
 MODEL_TABLES = set(Base.metadata.tables)
@@ -39,6 +39,25 @@ def test_upgrade_then_downgrade_to_base_and_back(database_url: str) -> None:
 
     upgrade(database_url)
     assert _tables(database_url) == MODEL_TABLES
+
+
+def test_downgrade_keeps_jobs_that_other_rows_point_at(database_url: str) -> None:
+    """A job with a delivery: SQLite enforces the foreign keys, so a downgrade must not drop and
+    copy the jobs table under them (it failed, and left a half-made table behind)."""
+    upgrade(database_url)
+    database = Database(database_url)
+    with database.session() as session:
+        study = Study(study_instance_uid="1.2")
+        job = Job(series=Series(series_instance_uid="1.2.1", study=study, modality="MR"))
+        session.add_all([study, job, Delivery(job=job, destination="PACS", sop_instance_uid="1.2.9")])
+    database.dispose()
+    downgrade(database_url, "0001")
+    assert current_revision(database_url) == "0001"
+    upgrade(database_url)
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM deliveries")).scalar_one() == 1
+    engine.dispose()
 
 
 def test_autogenerate_finds_no_difference_from_the_models(database_url: str) -> None:
