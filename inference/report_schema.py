@@ -208,10 +208,21 @@ _TERM_RE = re.compile("|".join(f"(?P<{name}>\\b(?:{rx})\\b)" for name, rx in _TE
 _PRE_NEGATION = re.compile(
     r"\b(?:no|not|without|absence\s+of|negative\s+for|free\s+of|neither|nor|never|rather\s+than)\b"
 )
-_POST_NEGATION = re.compile(
-    r"\b(?:is|are|was|were)\s+(?:not\s+(?:seen|identified|observed|present|noted|evident|detected)|absent)\b"
-    r"|\bnot\s+(?:seen|identified|observed|present|detected)\b"
+_NOT_SEEN = (
+    r"(?:seen|identified|observed|present|noted|evident|detected|apparent|obvious|appreciated|visible"
+    r"|significant|prominent)"
 )
+_POST_NEGATION = re.compile(rf"\b(?:is|are|was|were)\s+(?:not\s+{_NOT_SEEN}|absent)\b|\bnot\s+{_NOT_SEEN}\b")
+# Phrases that say where something other than the lesion is, or that a finding is absent, which
+# the term rules would misread; rewritten before the clauses are read (the rendered reports use
+# none of them).
+_NOT_ASSERTING = [
+    (re.compile(r"\bnon-?(?:enhanc\w*|necrotic|o?edematous)"), ""),  # "non-enhancing lesion": no claim
+    (re.compile(r"\b(?:left|right)(?=\s+(?:lateral\s+)?ventricles?\b)"), ""),  # which ventricle
+    (re.compile(r"\b(shift(?:ed|s|ing)?\s+(?:to(?:wards?)?|toward)\s+the\s+)(?:left|right)\b"), r"\1"),
+    (re.compile(r"\b(?:left|right)\s+hemisphere\s+(?:is|appears)\s+(?:unremarkable|normal)\b"), ""),
+    (re.compile(r"\b([a-z]+)\s*:\s*(?:absent|none)\b"), r"no \1"),  # "Necrosis: absent."
+]
 _CLAUSE_SPLIT = re.compile(r"[.;:,!?()\n]|\b(?:but|however|while|whereas|with|and\s+there\s+is)\b")
 
 
@@ -219,6 +230,8 @@ def _asserted_terms(text: str) -> set[str]:
     """Term names asserted positively: negation cues cancel terms after them in a clause,
     and 'is not seen'-style cues cancel the terms before them."""
     text = _COMPOUND.sub(r"\1 \2", text.lower())
+    for pattern, replacement in _NOT_ASSERTING:
+        text = pattern.sub(replacement, text)
     asserted: set[str] = set()
     for clause in _CLAUSE_SPLIT.split(text):
         if not clause or not clause.strip():

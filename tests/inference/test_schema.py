@@ -89,6 +89,17 @@ def test_default_render_is_deterministic() -> None:
             "Midline shift due to mass effect from a right occipital lesion.",
             Findings(True, Side.RIGHT, frozenset({Lobe.OCCIPITAL}), midline_shift=True),
         ),
+        # Free-text phrasings of TextBraTS and of radiologists that the rendered reports never use:
+        (
+            "A non-enhancing, non-necrotic lesion in the right frontal lobe. Edema is not significant, "
+            "ventricular compression is not obvious. Necrosis: absent.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.FRONTAL})),
+        ),
+        (
+            "A mass in the right frontal lobe compresses the left lateral ventricle, with the "
+            "midline shifted to the left. The left hemisphere is unremarkable.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.FRONTAL}), ventricular_compression=True),
+        ),
     ],
 )
 def test_parse_handles_plurals_negation_synonyms_and_order(text: str, expected: Findings) -> None:
