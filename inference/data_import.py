@@ -20,6 +20,14 @@ Findings of TextBraTS reports are read with :func:`inference.report_schema.parse
 Healthy controls: in a BIDS tree, the files with the ``FLAIR`` suffix, one subject per ``sub-``
 entity (its sessions share a split); elsewhere every NIfTI, one subject per top folder.
 
+Two limits of the data, not of the code. BraTS 2020/2021 label 1 is necrotic *and non-enhancing*
+tumour core, so reports rendered from labels call necrosis more often than a radiologist would
+(TextBraTS reports, where they exist, are used instead). BraTS images are skull-stripped and
+registered, a folder of clinical controls usually is not: one loader treats both alike, but the
+images differ in what they show, a shortcut a model can learn. Skull-strip such controls first
+(e.g. SynthStrip or HD-BET) and check the imported manifest with the shortcut probe.
+A case with neither a report nor labels is left out, and named in a warning.
+
 Splits are by subject, stratified by side, seeded (70/10/20). A BraTS 2021 case and its BraTS
 2023 renaming are one subject; BraTS 2020 cannot be mixed with the later editions in one import
 (they share patients under names no published table maps).
@@ -27,6 +35,7 @@ Splits are by subject, stratified by side, seeded (70/10/20). A BraTS 2021 case 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -47,6 +56,8 @@ from inference.report_schema import (
 )
 from inference.report_schema import render as render_report
 from inference.synthetic import LOBE_CODES, SIZE_RADIUS_MM, lobe_map, ventricle_box
+
+logger = logging.getLogger(__name__)
 
 _FLAIR = re.compile(r"^(?P<case>.+?)(?:_flair|-t2f)\.nii(?:\.gz)?$")
 #: MNI brain extent (mm) the head's bounding box is mapped onto, per RAS axis: that of the MNI152
@@ -179,6 +190,7 @@ def import_brats(
         if (match := _FLAIR.match(path.name))
     )
     _refuse_mixed_2020([case for _, case in flairs])
+    unlabelled = []
     for flair_path, case in flairs:
         seg_path = _seg_path(flair_path, case)
         enhancing = 3 if flair_path.name.endswith(("-t2f.nii.gz", "-t2f.nii")) else 4
@@ -188,8 +200,9 @@ def import_brats(
         elif seg_path is not None:
             findings = findings_from_segmentation(nib.load(flair_path), nib.load(seg_path), enhancing)
             report, report_source = render_report(findings), "rendered-from-seg"
-        else:
-            continue  # neither a report nor labels: nothing to learn or score against
+        else:  # neither a report nor labels: nothing to learn or score against
+            unlabelled.append(case)
+            continue
         entry = {
             "id": case,
             "subject": _subject_of(case),
@@ -203,6 +216,13 @@ def import_brats(
         if seg_path is not None:
             entry["seg"] = os.path.relpath(seg_path.resolve(), base)
         entries.append(entry)
+    if unlabelled:
+        logger.warning(
+            "%d BraTS case(s) left out, with neither a report under --reports nor a segmentation "
+            "named <case>_seg / <case>-seg beside the FLAIR: %s",
+            len(unlabelled),
+            ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""),
+        )
     for path, case, subject in _healthy_flairs(healthy_dir):
         entries.append(
             {

@@ -166,6 +166,18 @@ def test_patients_and_controls_share_one_loader(tmp_path: Path) -> None:
     assert lps_patient[0, :, :, GRID[2] // 2 :].max() > lps_patient[0, :, :, : GRID[2] // 2].max() - 1e-6
 
 
+def test_a_case_with_neither_report_nor_labels_is_named_not_dropped_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _tree(tmp_path)
+    (tmp_path / "brats2020" / "BraTS20_Training_002" / "BraTS20_Training_002_seg.nii.gz").unlink()
+    from inference.data_import import import_brats
+
+    entries = import_brats(tmp_path / "brats2020", tmp_path / "manifest.jsonl", tmp_path / "textbrats")
+    assert [entry["id"] for entry in entries] == ["BraTS20_Training_001"]
+    assert "1 BraTS case(s) left out" in caplog.text and "BraTS20_Training_002" in caplog.text
+
+
 def test_a_bids_tree_of_controls_gives_its_flairs_one_subject_each(tmp_path: Path) -> None:
     """Two sessions of one person land in one split; a T1w beside the FLAIR is not taken for a
     FLAIR; files of one name in several folders get ids of their own."""
