@@ -357,18 +357,12 @@ class HeadFile:
 
         Writers commit under the database lock but update this file after commit, so two
         writers may arrive here out of order; the sequence check keeps the file monotonic.
+        (``AuditTrail.record`` never advances a file that names rows the table no longer holds.)
         """
         with self._locked():
             current = self.read()
             if current is not None and current.origin == head.origin and current.sequence >= head.sequence:
                 return
-            if current is not None and current.origin != head.origin:
-                logger.warning(
-                    "audit head file %s named another chain (origin %s, sequence %d); replacing it",
-                    self.path,
-                    current.origin,
-                    current.sequence,
-                )
             descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".audit-head-")
             try:
                 with contextlib.suppress(FileNotFoundError):

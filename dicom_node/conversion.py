@@ -111,6 +111,10 @@ def _check_affine(image: nib.Nifti1Image, datasets: Sequence[Dataset]) -> None:
     raise ConversionError("affine_mismatch: dicom2nifti's slice positions disagree with the headers")
 
 
+def _is_multi_frame(dataset: Dataset) -> bool:
+    return int(dataset.get("NumberOfFrames") or 1) > 1
+
+
 def series_to_nifti(
     files: Sequence[Path],
     work_dir: Path | str,
@@ -136,7 +140,7 @@ def series_to_nifti(
         raise GeometryError(verdict)
     if any("PixelData" not in ds for ds in datasets):
         raise ConversionError("no_pixel_data: an instance carries no pixel data")
-    if len(datasets) > 1 and any(int(ds.get("NumberOfFrames") or 1) > 1 for ds in datasets):
+    if len(datasets) > 1 and any(_is_multi_frame(ds) for ds in datasets):
         raise ConversionError(
             f"split_multiframe: {len(datasets)} instances, multi-frame among them (dicom2nifti reads "
             "a multi-frame series only as one instance)"
@@ -146,7 +150,7 @@ def series_to_nifti(
     nifti_path = out / "series.nii.gz"
     _configure_dicom2nifti()
     try:
-        if int(datasets[0].get("NumberOfFrames") or 1) > 1:  # one instance: checked above
+        if _is_multi_frame(datasets[0]):  # then the only instance: checked above
             # What dicom2nifti's Siemens, Philips and generic converters do with an anatomical
             # multi-frame instance; its GE converter reads none.
             result = convert_generic.multiframe_to_nifti(datasets, str(nifti_path))

@@ -43,8 +43,8 @@ def destination_label(destination: DestinationSettings) -> str:
     return destination.name or f"{destination.ae_title}@{destination.host}:{destination.port}"
 
 
-def _check_demo_guard(runtime: Runtime, synthetic_demo: bool) -> None:
-    if not synthetic_demo or runtime.settings.delivery.allow_demo_model:
+def _check_demo_guard(runtime: Runtime) -> None:
+    if not runtime.model_identity.synthetic_demo or runtime.settings.delivery.allow_demo_model:
         return
     remote = [destination_label(d) for d in runtime.settings.destinations if not is_loopback(d.host)]
     if remote:
@@ -60,7 +60,7 @@ def deliver(runtime: Runtime, job: Job) -> DeliveryResult:
 
     Raises :class:`DemoModelGuardError`, sending nothing, where the synthetic demo model's SRs
     (reports or not-analysed notes alike) would leave loopback without ``allow_demo_model``."""
-    _check_demo_guard(runtime, runtime.model_identity.synthetic_demo)
+    _check_demo_guard(runtime)
     settings = runtime.settings
     reports = reports_of(runtime, job)
     with runtime.database.session() as session:

@@ -20,9 +20,6 @@ from dicom_node.sr import printable_text
 
 logger = logging.getLogger("brain3d.worker")
 
-#: The committed checkpoint trained on synthetic data only.
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "inference" / "checkpoints" / "demo"
-
 
 @dataclass(frozen=True)
 class ModelIdentity:

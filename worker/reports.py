@@ -21,7 +21,14 @@ from sqlalchemy import select
 
 from dicom_node.db import Job, StructuredReport
 from dicom_node.spool import fsync_dir, write_durably
-from dicom_node.sr import AlgorithmIdentity, build_reports, not_analysed_report, report_uids, sr_bytes
+from dicom_node.sr import (
+    AlgorithmIdentity,
+    ReportUIDs,
+    build_reports,
+    not_analysed_report,
+    report_uids,
+    sr_bytes,
+)
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Findings, parse
 from worker.convert import SourceInstances
@@ -125,6 +132,13 @@ def _sources(sources: SourceInstances) -> list[Dataset]:
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in sources.paths]
 
 
+def _report_uids(sources: SourceInstances, algorithm: AlgorithmIdentity) -> ReportUIDs:
+    """The UIDs a build from ``sources`` by ``algorithm`` gives its SRs (one header read: every
+    source is of one series)."""
+    series_uid = pydicom.dcmread(sources.paths[0], stop_before_pixels=True).SeriesInstanceUID
+    return report_uids(series_uid, algorithm, sources.input_hash)
+
+
 def _record(runtime: Runtime, rows: list[StructuredReport]) -> list[StructuredReport]:
     with runtime.database.session() as session:
         session.add_all(rows)
@@ -143,15 +157,15 @@ def build_and_store(
             f"the report was written by {job.model_version}, and this worker's model.path is "
             f"{identity.version}: the SR would name the wrong model (give every worker the same model)"
         )
-    datasets, algorithm = _sources(sources), _algorithm(identity)
-    uids = report_uids(datasets[0].SeriesInstanceUID, algorithm, sources.input_hash)
+    algorithm = _algorithm(identity)
+    uids = _report_uids(sources, algorithm)
     if existing := _existing(
         runtime, job, {NARRATIVE_KIND: uids.narrative, MEASUREMENT_KIND: uids.measurement}
     ):
         return existing  # already built: keep the persisted bytes
     assert job.report_text is not None
     pair = build_reports(
-        datasets,
+        _sources(sources),
         job.report_text,
         parse(job.report_text),
         algorithm,
@@ -179,12 +193,13 @@ def build_not_analysed(
     content_time: datetime,
 ) -> list[StructuredReport]:
     """The short SR saying the series was not analysed and why (``delivery.not_analysed_report``)."""
-    datasets, algorithm = _sources(sources), _algorithm(identity)
-    uids = report_uids(datasets[0].SeriesInstanceUID, algorithm, sources.input_hash)
-    if existing := _existing(runtime, job, {NOT_ANALYSED_KIND: uids.not_analysed}):
+    algorithm = _algorithm(identity)
+    if existing := _existing(
+        runtime, job, {NOT_ANALYSED_KIND: _report_uids(sources, algorithm).not_analysed}
+    ):
         return existing
     dataset = not_analysed_report(
-        datasets,
+        _sources(sources),
         reason,
         algorithm,
         input_hash=sources.input_hash,

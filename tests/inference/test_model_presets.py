@@ -108,9 +108,9 @@ def test_every_layer_lets_the_whole_report_see_every_visual_token(preset: str) -
 
 
 def test_the_instruction_allowance_covers_the_demo_tokenizer() -> None:
+    from dicom_node.config import ModelSettings
     from inference.modeling_brain3d import SequenceLayout
-    from worker.inference import DEMO_CHECKPOINT
 
-    model = Brain3D.from_pretrained(DEMO_CHECKPOINT)
+    model = Brain3D.from_pretrained(ModelSettings().path)  # the node's default: the committed demo
     layout = SequenceLayout(model.tokenizer, model.config.instruction)
     assert len(layout.head_ids) + len(layout.tail_ids) <= 64

@@ -23,7 +23,7 @@ from inference.synthetic import synthesize_case
 from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
 from worker.convert import convert, converted_sources, source_instances
 from worker.delivery import DemoModelGuardError, deliver
-from worker.inference import DEMO_CHECKPOINT, ModelIdentity, identify_model
+from worker.inference import ModelIdentity, identify_model
 from worker.jobs import JobBook, Step, stale_jobs
 from worker.reconciler import reconcile_once
 from worker.reports import (
@@ -234,9 +234,10 @@ def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runti
 def test_a_copy_of_the_demo_checkpoint_is_still_the_demo(tmp_path):
     """What a checkpoint is travels with it (its configuration says it was trained on synthetic
     data), so a copy elsewhere keeps the demo disclaimer and the loopback guard."""
-    copied = shutil.copytree(DEMO_CHECKPOINT, tmp_path / "models" / "brain3d")
+    committed = ModelSettings()  # the node's default model: the committed demo
+    copied = shutil.copytree(committed.path, tmp_path / "models" / "brain3d")
     identity = identify_model(ModelSettings(path=copied))
-    assert identity == identify_model(ModelSettings(path=DEMO_CHECKPOINT)), "same content, same identity"
+    assert identity == identify_model(committed), "same content, same identity"
     assert identity.synthetic_demo and identity.name == "Brain3D-demo"
 
 
