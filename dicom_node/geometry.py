@@ -3,8 +3,11 @@
 Checked before conversion, from headers only, so a series that would convert into
 a wrong or distorted volume ends ``not_analysed`` with a reason instead:
 localizers, missing geometry, mixed orientations or image sizes, duplicate
-slices, too few slices, gaps (missing slices), uneven spacing and stacks whose
-slices are not stacked along their normal (gantry tilt, shear). Multi-frame
+slices, too few slices, gaps (missing slices), uneven spacing, stacks whose
+slices are not stacked along their normal (gantry tilt, shear), and sparse stacks:
+slices farther apart than the headers' SpacingBetweenSlices says (every other slice
+missing, which leaves the spacing regular) or at least twice their thickness apart
+(half the brain between slices never imaged). Multi-frame
 Enhanced MR is read through its functional groups (Plane Position / Plane
 Orientation / Pixel Measures, per frame or shared).
 """
@@ -52,6 +55,8 @@ class Frame:
     position: np.ndarray | None
     pixel_spacing: tuple[float, ...] | None
     size: tuple[int, int]
+    thickness: float | None = None
+    declared_spacing: float | None = None  # SpacingBetweenSlices, centre to centre
 
 
 def _macro(groups: Dataset | None, keyword: str) -> Dataset | None:
@@ -59,6 +64,14 @@ def _macro(groups: Dataset | None, keyword: str) -> Dataset | None:
         return None
     sequence = groups.get(keyword)
     return sequence[0] if sequence else None
+
+
+def _positive(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
 
 
 def _array(value: object) -> np.ndarray | None:
@@ -82,6 +95,8 @@ def frames_of(ds: Dataset) -> list[Frame]:
                 _array(ds.get("ImagePositionPatient")),
                 tuple(float(v) for v in spacing) if spacing else None,
                 size,
+                _positive(ds.get("SliceThickness")),
+                _positive(ds.get("SpacingBetweenSlices")),
             )
         ]
     shared_groups = ds.get("SharedFunctionalGroupsSequence")
@@ -98,6 +113,8 @@ def frames_of(ds: Dataset) -> list[Frame]:
                 _array(position.get("ImagePositionPatient")) if position is not None else None,
                 tuple(float(v) for v in spacing) if spacing else None,
                 size,
+                _positive(measures.get("SliceThickness")) if measures is not None else None,
+                _positive(measures.get("SpacingBetweenSlices")) if measures is not None else None,
             )
         )
     return frames
@@ -179,6 +196,9 @@ def check_series_geometry(
             spacing,
             orientation,
         )
+    sparse = _sparse_stack(frames, spacing, spacing_tolerance)
+    if sparse is not None:
+        return GeometryVerdict(False, sparse, count, spacing, orientation)
     sorted_positions = positions[order]
     in_plane_drift = (sorted_positions[-1] - sorted_positions[0]) - (
         sorted_along[-1] - sorted_along[0]
@@ -193,6 +213,40 @@ def check_series_geometry(
             orientation,
         )
     return GeometryVerdict(True, f"ok: {count} slices, spacing {spacing:.3f} mm", count, spacing, orientation)
+
+
+def _stated(values: list[float | None], tolerance: float) -> float | None:
+    """The value every frame states (within ``tolerance``), else None."""
+    if not values or any(v is None for v in values):
+        return None
+    known = np.array(values, dtype=float)
+    return float(known[0]) if np.abs(known - known[0]).max() <= tolerance * known[0] else None
+
+
+def _sparse_stack(frames: Sequence[Frame], spacing: float, tolerance: float) -> str | None:
+    """Why a regular stack still leaves brain unimaged between its slices, or None.
+
+    A series missing every other slice is as regular as a complete one, so the positions
+    alone cannot tell; the headers' own SpacingBetweenSlices and SliceThickness can. Some
+    older writers put the gap between slices in SpacingBetweenSlices, so a measured
+    spacing of thickness plus that gap is taken as that convention, not as missing slices.
+    """
+    thickness = _stated([f.thickness for f in frames], tolerance)
+    declared = _stated([f.declared_spacing for f in frames], tolerance)
+    if declared is not None:
+        multiple = round(spacing / declared)
+        gap_convention = thickness is not None and abs(thickness + declared - spacing) <= tolerance * spacing
+        if multiple >= 2 and abs(spacing - multiple * declared) <= tolerance * spacing and not gap_convention:
+            return (
+                f"missing_slices: slices {spacing:.2f} mm apart where SpacingBetweenSlices states "
+                f"{declared:.2f} mm (about {multiple - 1} of every {multiple} slices missing)"
+            )
+    if thickness is not None and spacing >= 2 * thickness * (1 - tolerance):
+        return (
+            f"sparse_slices: slices {spacing:.2f} mm apart but {thickness:.2f} mm thick, so half or "
+            "more of the brain between them is not imaged"
+        )
+    return None
 
 
 def _declared_count(datasets: Sequence[Dataset]) -> int | None:

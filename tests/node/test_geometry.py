@@ -55,6 +55,62 @@ def test_missing_slice_from_the_positions_when_no_count_is_declared() -> None:
     assert "about 1 slice" in verdict.reason
 
 
+def _every_other_slice(series):
+    kept = series[::2]
+    for ds in kept:
+        del ds.ImagesInAcquisition
+    return kept
+
+
+def test_every_other_slice_missing_against_the_declared_spacing() -> None:
+    series = _every_other_slice(_series(slices=40))
+    for ds in series:
+        del ds.SliceThickness
+    verdict = check_series_geometry(series)
+    assert (verdict.ok, verdict.code) == (False, "missing_slices")
+    assert "6.00 mm apart where SpacingBetweenSlices states 3.00 mm" in verdict.reason
+
+
+def test_every_other_slice_missing_against_the_thickness() -> None:
+    series = _every_other_slice(_series(slices=40))
+    for ds in series:
+        del ds.SpacingBetweenSlices
+    verdict = check_series_geometry(series)
+    assert (verdict.ok, verdict.code) == (False, "sparse_slices")
+    assert "6.00 mm apart but 3.00 mm thick" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("thickness", "declared"),
+    [
+        (2.5, 3.0),  # a 2D stack with a gap between its slices
+        (6.0, 3.0),  # overlapping slices, as 3D sequences reconstruct them
+        (2.0, 1.0),  # an older writer's SpacingBetweenSlices: the gap, not centre to centre
+        (1.6, None),
+    ],
+)
+def test_gapped_and_overlapping_stacks_that_cover_the_brain_pass(thickness, declared) -> None:
+    series = _series()
+    for ds in series:
+        ds.SliceThickness = thickness
+        if declared is None:
+            del ds.SpacingBetweenSlices
+        else:
+            ds.SpacingBetweenSlices = declared
+    verdict = check_series_geometry(series)
+    assert verdict.ok, verdict.reason
+
+
+def test_sparse_enhanced_stack_from_its_pixel_measures() -> None:
+    (enhanced,) = _series(enhanced=True)
+    measures = enhanced.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    measures.SpacingBetweenSlices = 1.5
+    assert check_series_geometry([enhanced]).code == "missing_slices"
+    measures.SpacingBetweenSlices = 3.0
+    measures.SliceThickness = 1.5
+    assert check_series_geometry([enhanced]).code == "sparse_slices"
+
+
 def test_duplicate_slice() -> None:
     series = _series()
     twin = copy.deepcopy(series[5])
