@@ -223,12 +223,19 @@ _NOT_ASSERTING = [
     (re.compile(r"\b(?:left|right)\s+hemisphere\s+(?:is|appears)\s+(?:unremarkable|normal)\b"), ""),
     (re.compile(r"\b([a-z]+)\s*:\s*(?:absent|none)\b"), r"no \1"),  # "Necrosis: absent."
 ]
+# Where a negation's scope ends inside a clause: a phrase placing the negated finding at a
+# lesion ("no edema around the left temporal lesion"), which asserts that lesion and its place.
+_AT_THE_LESION = re.compile(
+    rf"\b(?:around|surrounding|adjacent\s+to|near|in|within|at|of|from|involving)\s+"
+    rf"(?:the|this|that|a|an)\b(?=(?:(?!\b(?:no|not|without)\b).)*?\b(?:{_LESION})\b)"
+)
 _CLAUSE_SPLIT = re.compile(r"[.;:,!?()\n]|\b(?:but|however|while|whereas|with|and\s+there\s+is)\b")
 
 
 def _asserted_terms(text: str) -> set[str]:
     """Term names asserted positively: negation cues cancel terms after them in a clause,
-    and 'is not seen'-style cues cancel the terms before them."""
+    and 'is not seen'-style cues cancel the terms before them, up to a phrase that places
+    the negated finding at a lesion."""
     text = _COMPOUND.sub(r"\1 \2", text.lower())
     for pattern, replacement in _NOT_ASSERTING:
         text = pattern.sub(replacement, text)
@@ -236,15 +243,27 @@ def _asserted_terms(text: str) -> set[str]:
     for clause in _CLAUSE_SPLIT.split(text):
         if not clause or not clause.strip():
             continue
+        terms = list(_TERM_RE.finditer(clause))
+        negated: list[tuple[int, int]] = []
         pre = _PRE_NEGATION.search(clause)
-        negated_from = pre.start() if pre else len(clause)
+        if pre:
+            negated.append((pre.start(), _scope_end(clause, terms, pre.end(), len(clause))))
         post = _POST_NEGATION.search(clause)
-        negated_until = post.start() if post else -1
-        for match in _TERM_RE.finditer(clause):
-            if match.start() >= negated_from or match.start() < negated_until:
-                continue
-            asserted.add(match.lastgroup or "")
+        if post:
+            negated.append((0, _scope_end(clause, terms, 0, post.start())))
+        for match in terms:
+            if not any(start <= match.start() < end for start, end in negated):
+                asserted.add(match.lastgroup or "")
     return asserted
+
+
+def _scope_end(clause: str, terms: list[re.Match[str]], start: int, end: int) -> int:
+    """Where a negation covering ``clause[start:end]`` stops: at a phrase placing the negated
+    finding at a lesion, once a term has been negated before it; else at ``end``."""
+    for phrase in _AT_THE_LESION.finditer(clause, start, end):
+        if any(start <= term.start() < phrase.start() for term in terms):
+            return phrase.start()
+    return end
 
 
 def parse(text: str) -> Findings:

@@ -100,6 +100,18 @@ def test_default_render_is_deterministic() -> None:
             "midline shifted to the left. The left hemisphere is unremarkable.",
             Findings(True, Side.RIGHT, frozenset({Lobe.FRONTAL}), ventricular_compression=True),
         ),
+        # A negation ends where the negated finding is placed at a lesion, which is asserted:
+        (
+            "No significant edema around the left temporal lesion.",
+            Findings(True, Side.LEFT, frozenset({Lobe.TEMPORAL})),
+        ),
+        (
+            "Edema around the right parietal mass is not seen.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.PARIETAL})),
+        ),
+        # ... but not where nothing was negated before the place, or the place names no lesion:
+        ("No evidence of a lesion in the left frontal lobe.", NORMAL),
+        ("No edema in the left frontal lobe.", NORMAL),
     ],
 )
 def test_parse_handles_plurals_negation_synonyms_and_order(text: str, expected: Findings) -> None:
