@@ -1,8 +1,8 @@
 """The node's commands on the ``brain3d`` command line: serve, db, audit, config.
 
 Each package registers its own commands (``register``); ``worker.cli`` assembles
-the one ``brain3d`` application, being the only package that may import both
-``dicom_node`` and ``inference``.
+the one ``brain3d`` application, and hands ``inference`` the node's series writer for
+``synth --format dicom`` (``inference`` imports nothing of ours).
 """
 
 from __future__ import annotations

@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+if TYPE_CHECKING:
+    from inference.synthetic import SeriesWriter
 
-def synth(
-    out: Annotated[Path, typer.Option(help="Folder for cases/ and manifest.jsonl")],
-    cases: Annotated[int, typer.Option(min=1)] = 100,
-    seed: Annotated[int, typer.Option()] = 0,
-    format: Annotated[str, typer.Option("--format", help="nifti or dicom")] = "nifti",
-    lesional_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.7,
-) -> None:
-    """Synthesise brain FLAIR cases (MNI152 anatomy, gliomas, controls) and a manifest."""
-    from inference.synthetic import write_dataset
 
-    start = time.perf_counter()
-    manifest = write_dataset(out, cases, seed, format, lesional_fraction)
-    typer.echo(f"wrote {cases} cases and {manifest} in {time.perf_counter() - start:.1f} s")
+def _synth_command(series_writer: SeriesWriter | None) -> Callable[..., None]:
+    """``brain3d synth``, writing DICOM cases with ``series_writer``."""
+
+    def synth(
+        out: Annotated[Path, typer.Option(help="Folder for cases/ and manifest.jsonl")],
+        cases: Annotated[int, typer.Option(min=1)] = 100,
+        seed: Annotated[int, typer.Option()] = 0,
+        format: Annotated[str, typer.Option("--format", help="nifti or dicom")] = "nifti",
+        lesional_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.7,
+    ) -> None:
+        """Synthesise brain FLAIR cases (MNI152 anatomy, gliomas, controls) and a manifest."""
+        from inference.synthetic import write_dataset
+
+        start = time.perf_counter()
+        try:
+            manifest = write_dataset(out, cases, seed, format, lesional_fraction, series_writer)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--format") from None
+        typer.echo(f"wrote {cases} cases and {manifest} in {time.perf_counter() - start:.1f} s")
+
+    return synth
 
 
 def _step_budgets(text: str | None, stages: Sequence[str]) -> dict[str, int]:
@@ -233,9 +244,10 @@ def import_data(
     typer.echo(f"wrote {len(entries)} entries to {out}: {dict(sorted(counts.items()))}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add this package's commands to the ``brain3d`` application."""
-    app.command("synth")(synth)
+def register(app: typer.Typer, series_writer: SeriesWriter | None = None) -> None:
+    """Add this package's commands to the ``brain3d`` application; ``series_writer`` writes
+    ``synth --format dicom`` cases (this package imports nothing of the node's)."""
+    app.command("synth")(_synth_command(series_writer))
     app.command("train")(train)
     app.command("eval")(evaluate)
     app.add_typer(data_app, name="data")

@@ -28,6 +28,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -460,17 +461,25 @@ def generate_cases(cases: int, seed: int, lesional_fraction: float = 0.7) -> Ite
         yield synthesize_case(*plan)
 
 
+class SeriesWriter(Protocol):
+    """Writes a volume as a DICOM series into a folder (the node's ``write_series``)."""
+
+    def __call__(self, out_dir: Path, volume: np.ndarray, affine: np.ndarray, **options: Any) -> object: ...
+
+
 def write_dataset(
     out_dir: str | Path,
     cases: int,
     seed: int,
     file_format: str = "nifti",
     lesional_fraction: float = 0.7,
+    series_writer: SeriesWriter | None = None,
 ) -> Path:
     """Write ``cases`` cases under ``out_dir/cases/<id>/`` and ``out_dir/manifest.jsonl``.
 
-    NIfTI cases are ``flair.nii.gz``; DICOM cases are a FLAIR series written by the node's
-    series writer in a random plane (axial, sagittal, coronal), obliquity and slice order.
+    NIfTI cases are ``flair.nii.gz``; DICOM cases are a FLAIR series written by
+    ``series_writer`` (this package knows volumes, not DICOM: ``brain3d synth`` passes the
+    node's writer) in a random plane (axial, sagittal, coronal), obliquity and slice order.
     Every case also gets ``seg.nii.gz`` (labels of this module's docstring)."""
     import nibabel as nib
 
@@ -479,6 +488,9 @@ def write_dataset(
 
     if file_format not in ("nifti", "dicom"):
         raise ValueError(f"format must be nifti or dicom, got {file_format!r}")
+    write_dicom = series_writer if file_format == "dicom" else None
+    if file_format == "dicom" and write_dicom is None:
+        raise ValueError("DICOM cases need a series writer (brain3d synth passes the node's)")
     out = Path(out_dir)
     entries = []
     for case in generate_cases(cases, seed, lesional_fraction):
@@ -494,15 +506,13 @@ def write_dataset(
             "findings": findings_to_dict(case.findings),
             "seg": f"cases/{case.case_id}/seg.nii.gz",
         }
-        if file_format == "nifti":
+        if write_dicom is None:
             nib.save(nib.Nifti1Image(case.volume, case.affine), folder / "flair.nii.gz")
             entry.update(path=f"cases/{case.case_id}/flair.nii.gz", format="nifti")
         else:
-            from dicom_node.series_writer import write_series
-
             rng = np.random.default_rng([seed, int(case.case_id.rsplit("-", 1)[1]), 0xD1C0])
             orientation = str(rng.choice(["axial", "sagittal", "coronal"]))
-            write_series(
+            write_dicom(
                 folder / "dicom",
                 np.round(case.volume / case.volume.max() * 4000).astype(np.uint16),
                 case.affine,

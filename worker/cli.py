@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dicom_node import cli as node_cli
+from dicom_node.series_writer import write_series
 from inference import cli as inference_cli
 from worker import commands as worker_commands
 
@@ -15,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 node_cli.register(app)
-inference_cli.register(app)
+inference_cli.register(app, series_writer=write_series)
 worker_commands.register(app)
 
 if __name__ == "__main__":
