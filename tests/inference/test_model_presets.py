@@ -1,8 +1,6 @@
-"""The presets: tiny builds fast, demo runs, medgemma-4b has the released shapes and size."""
+"""The presets: demo runs, medgemma-4b has the released shapes and size."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -10,15 +8,6 @@ from model_fixtures import random_volumes, tiny_tokenizer
 
 from inference.configuration_brain3d import Brain3DConfig
 from inference.modeling_brain3d import Brain3D
-
-
-def test_tiny_builds_in_well_under_a_second() -> None:
-    Brain3D(
-        Brain3DConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer())), tiny_tokenizer()
-    )  # warm imports
-    start = time.perf_counter()
-    Brain3D(Brain3DConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer())), tiny_tokenizer())
-    assert time.perf_counter() - start < 0.5
 
 
 def test_demo_encodes_to_64_grid_tokens_and_a_summary_token_and_generates() -> None:
@@ -81,10 +70,8 @@ def test_reference_parameter_counts() -> None:
 
 
 def test_medgemma_4b_on_the_meta_device_matches_the_real_models_size() -> None:
-    start = time.perf_counter()
     with torch.device("meta"):
         model = Brain3D(Brain3DConfig.from_preset("medgemma-4b"), tiny_tokenizer())
-    assert time.perf_counter() - start < 30
     groups = model.parameter_groups()
     total = sum(p.numel() for p in model.parameters())
     lora = sum(p.numel() for _, p in groups["lora"])

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import shutil
 from datetime import timedelta
 
 import pydicom
 import pytest
 from kombu import Connection
-from sqlalchemy import update
+from pacs import free_port
+from serve_harness import wait_for
+from sqlalchemy import select, update
 
 from dicom_node.acquisition import FLAIR_2D
 from dicom_node.config import DestinationSettings, ModelSettings, load_settings
-from dicom_node.db import AuditEvent, Instance, Job, JobState, Series, StructuredReport, Study
+from dicom_node.db import AuditEvent, Delivery, Instance, Job, JobState, Series, StructuredReport, Study
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
 from dicom_node.series_writer import write_series
@@ -395,3 +398,131 @@ def test_failure_reasons_never_quote_header_values():
     assert failure_reason(Step.BUILD_REPORTS, worded).endswith("<value withheld>"), (
         "own errors keep their words"
     )
+
+
+def _runtime_with(database_url, tmp_path, **sections) -> Runtime:
+    """A runtime like the ``runtime`` fixture's, with some sections replaced."""
+    upgrade(database_url)
+    defaults = {
+        "database": {"url": database_url, "audit_key_file": tmp_path / "audit.key"},
+        "queue": {
+            "broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+            "result_backend": f"db+sqlite:///{tmp_path / 'results.db'}",
+        },
+        "storage": {"work_dir": tmp_path / "work", "reports_dir": tmp_path / "reports"},
+    }
+    return Runtime(load_settings(**{**defaults, **sections}))
+
+
+def test_the_heartbeat_beats_while_its_body_runs_and_stops_after(database_url, tmp_path):
+    runtime = _runtime_with(database_url, tmp_path, worker={"heartbeat_s": 0.1, "stale_after_s": 0.5})
+    long_ago = utcnow() - timedelta(hours=1)
+    job_id = _job(runtime, state=JobState.RUNNING, heartbeat_at=long_ago)
+    book = JobBook(runtime)
+    assert job_id in dict(stale_jobs(runtime))
+    with book.heartbeat(job_id):
+        wait_for(lambda: book.get(job_id).heartbeat_at != long_ago, 5)
+        first = book.get(job_id).heartbeat_at
+        wait_for(lambda: book.get(job_id).heartbeat_at != first, 5)  # it keeps beating
+        assert job_id not in dict(stale_jobs(runtime)), "a step that beats is alive, however long it runs"
+    last = book.get(job_id).heartbeat_at
+    wait_for(lambda: job_id in dict(stale_jobs(runtime)), 5)  # silent once its body ended
+    assert book.get(job_id).heartbeat_at == last
+
+
+def _sr_file(path) -> str:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = pydicom.uid.BasicTextSRStorage
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return ds.SOPInstanceUID
+
+
+def test_delivery_to_a_pacs_that_stays_down_ends_failed_after_its_retries(
+    database_url, tmp_path, monkeypatch
+):
+    from worker import runtime as runtime_module
+    from worker.tasks import deliver_reports
+
+    down = DestinationSettings(host="127.0.0.1", port=free_port(), ae_title="PACS")  # nothing listens
+    runtime = _runtime_with(
+        database_url,
+        tmp_path,
+        destinations=[down],
+        delivery={"max_retries": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.01},
+    )
+    monkeypatch.setattr(runtime_module, "_runtime", runtime)  # the task's process runtime
+    book, job_id = _at(runtime, Step.DELIVER)
+    uid = _sr_file(tmp_path / "sr.dcm")
+    with runtime.database.session() as session:
+        session.add(
+            StructuredReport(
+                job_id=job_id,
+                kind=NARRATIVE_KIND,  # the job's outcome: the model read it
+                series_instance_uid="1.2.9",
+                sop_instance_uid=uid,
+                path=str(tmp_path / "sr.dcm"),
+                sha256="0" * 64,
+            )
+        )
+    deliver_reports.apply(args=[job_id])  # eager: each retry runs at once
+    job = book.get(job_id)
+    assert job.state == JobState.FAILED and job.delivered_at is None
+    assert job.error_reason.startswith("delivery failed after 3 attempts:"), job.error_reason
+    with runtime.database.session() as session:
+        attempts = session.scalars(select(Delivery.attempt).where(Delivery.job_id == job_id)).all()
+        exports = session.scalars(
+            select(AuditEvent.outcome).where(AuditEvent.job_id == job_id, AuditEvent.event_id == "110106")
+        ).all()
+    assert sorted(attempts) == [1, 2, 3], "one delivery row per attempt"
+    assert len(exports) == 3 and all(outcome != 0 for outcome in exports), "each failed export audited"
+
+
+def test_jobs_retry_requeues_a_failed_job_and_refuses_the_others(database_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    runtime = _runtime_with(database_url, tmp_path)
+    config = tmp_path / "node.toml"
+    settings = runtime.settings
+    config.write_text(
+        f'[database]\nurl = "{settings.database.url}"\naudit_key_file = "{tmp_path / "audit.key"}"\n'
+        f'[queue]\nbroker_url = "{settings.queue.broker_url}"\n'
+        f'result_backend = "{settings.queue.result_backend}"\n'
+    )
+    failed = _job(
+        runtime,
+        state=JobState.FAILED,
+        attempts=2,
+        error_reason="infer: RuntimeError",
+        conversion_finished_at=utcnow(),
+        finished_at=utcnow(),
+    )
+    running = _job(runtime, state=JobState.RUNNING)
+    succeeded = _job(runtime, state=JobState.SUCCEEDED, finished_at=utcnow())
+    runner = CliRunner()
+
+    result = runner.invoke(app, ["jobs", "retry", str(failed), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    job = JobBook(runtime).get(failed)
+    assert (job.state, job.attempts, job.error_reason) == (JobState.QUEUED, 0, None)
+    assert job.conversion_finished_at is None and job.finished_at is None, "it runs again from the start"
+    with runtime.database.session() as session:
+        event = session.scalars(
+            select(AuditEvent).where(AuditEvent.job_id == failed, AuditEvent.event_type == "job-retry")
+        ).one()
+    assert json.loads(event.document)["detail"]["previous_state"] == "failed"
+    with Connection(settings.queue.broker_url) as connection:
+        cpu = connection.SimpleQueue(CPU_QUEUE)
+        args, _, _ = cpu.get(timeout=2).decode()
+        cpu.close()
+    assert args == [failed]
+
+    for refused in (running, succeeded, 999_999):
+        result = runner.invoke(app, ["jobs", "retry", str(refused), "--config", str(config)])
+        assert result.exit_code == 2, result.output
+    assert JobBook(runtime).get(running).state == JobState.RUNNING
+    assert JobBook(runtime).get(succeeded).state == JobState.SUCCEEDED
