@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    import torch
+
     from inference.synthetic import SeriesWriter
 
 
@@ -34,6 +36,19 @@ def _synth_command(series_writer: SeriesWriter | None) -> Callable[..., None]:
         typer.echo(f"wrote {cases} cases and {manifest} in {time.perf_counter() - start:.1f} s")
 
     return synth
+
+
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (a GPU where there is one)"
+
+
+def _device(requested: str) -> torch.device:
+    """``--device`` resolved (``auto``: a GPU where there is one), or a usage error naming it."""
+    from inference.modeling_brain3d import resolve_device
+
+    try:
+        return resolve_device(requested)
+    except RuntimeError as error:
+        raise typer.BadParameter(str(error), param_hint="--device") from None
 
 
 def _step_budgets(text: str | None, stages: Sequence[str]) -> dict[str, int]:
@@ -114,7 +129,9 @@ def train(
     micro_batch: Annotated[int | None, typer.Option(help="override every stage's micro-batch")] = None,
     accumulation: Annotated[int | None, typer.Option(help="override gradient accumulation")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch; processes synthesising data")] = 2,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:N, or auto (a GPU where there is one)")
+    ] = "cpu",
 ) -> None:
     """Train Brain3D stage by stage (seeded, resumable; see inference/training.py)."""
     import dataclasses
@@ -125,6 +142,7 @@ def train(
     from inference.configuration_brain3d import Brain3DConfig
     from inference.synthetic import EDEMA_PROBABILITY
 
+    target = _device(device)  # before data preparation, which can take long
     torch.set_num_threads(threads)
     if edema_probability is None:
         edema_probability = EDEMA_PROBABILITY
@@ -186,7 +204,7 @@ def train(
         init=init,
         schedule=schedule,
         vision_in_lm=encoder_in_lm_stages,
-        device=device,
+        device=target,
         lesion_loss_weight=lesion_loss_weight,
         findings_loss_weight=findings_loss_weight,
     )
@@ -201,6 +219,9 @@ def evaluate(
     ablation: Annotated[bool, typer.Option(help="also train and evaluate the stage combinations")] = False,
     minutes_scale: Annotated[float, typer.Option(help="time budget scale of the ablation runs")] = 0.5,
     threads: Annotated[int, typer.Option()] = 2,
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:N, or auto (a GPU where there is one)")
+    ] = "cpu",
 ) -> None:
     """Score a checkpoint: the paper's keyword F1 (bootstrap CI), per-finding metrics, BLEU/ROUGE."""
     import torch
@@ -208,7 +229,7 @@ def evaluate(
     from inference import evaluation
 
     torch.set_num_threads(threads)
-    metrics = evaluation.evaluate_checkpoint(checkpoint, manifest, out, split)
+    metrics = evaluation.evaluate_checkpoint(checkpoint, manifest, out, split, _device(device))
     typer.echo(evaluation.format_table(metrics, f"{checkpoint} on {manifest} ({split})"))
     if ablation:
         results = evaluation.run_ablation(manifest, out / "ablation", minutes_scale=minutes_scale)

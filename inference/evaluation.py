@@ -119,12 +119,20 @@ def write_outputs(
             handle.write(json.dumps({"id": i, "reference": r, "generated": g}) + "\n")
 
 
-def evaluate_checkpoint(checkpoint: Path, manifest: Path, out_dir: Path, split: str = "test") -> dict:
-    """Evaluate ``checkpoint`` on the ``split`` entries of ``manifest`` (``all``: every entry)."""
+def evaluate_checkpoint(
+    checkpoint: Path,
+    manifest: Path,
+    out_dir: Path,
+    split: str = "test",
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Evaluate ``checkpoint`` on the ``split`` entries of ``manifest`` (``all``: every entry),
+    on ``device`` (``auto``: a GPU where there is one) in the dtype the worker reads with."""
     from inference.dataset import load_volume, read_manifest
-    from inference.modeling_brain3d import Brain3D
+    from inference.modeling_brain3d import Brain3D, inference_dtype, resolve_device
 
-    model = Brain3D.from_pretrained(checkpoint)
+    target = resolve_device(device)
+    model = Brain3D.from_pretrained(checkpoint, device=target, dtype=inference_dtype(target))
     entries = read_manifest(manifest)
     if split != "all":
         entries = [e for e in entries if e.get("split") == split]

@@ -500,6 +500,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def resolve_device(requested: str | torch.device) -> torch.device:
+    """``auto`` (a CUDA GPU where there is one, else the CPU) or a torch device (``cuda:1``)."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype to read reports in: bfloat16 on a GPU that has it (half the memory, and the
+    dtype MedGemma ships in), float32 elsewhere (CPUs gain nothing from bf16 here, docs/results.md)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 class Brain3D(nn.Module):
     """Volume in, report out. Build with ``Brain3D(config, tokenizer)`` (random weights),
     :meth:`from_2d` (pretrained SigLIP + Gemma 3) or :meth:`from_pretrained` (a saved checkpoint).
@@ -828,6 +843,8 @@ class Brain3D(nn.Module):
         logits = self.causal_lm(
             inputs_embeds=prefix, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         ).logits[:, -1]
+        if cache.get_seq_length() != prefix_length:  # a decoder that ignored `cache=` would decode blind
+            raise RuntimeError("the decoder did not fill its KV cache: an unsupported transformers version")
         _synchronize(self.device)
         prefill_done = time.perf_counter()
 
@@ -941,9 +958,11 @@ class Brain3D(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Brain3D:
-        """Load what :meth:`save_pretrained` wrote (base weights re-read and hash-checked when referenced)."""
+        """Load what :meth:`save_pretrained` wrote (base weights re-read and hash-checked when
+        referenced), every weight in one ``dtype``: base weights published in bfloat16 beside
+        projector and soft prompts trained in float32 would meet in one matrix product."""
         directory = Path(directory)
         config = Brain3DConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -955,6 +974,7 @@ class Brain3D(nn.Module):
                 config=config,
                 tokenizer=tokenizer,
                 expected_sha256={part: ref["sha256"] for part, ref in config.base_weights.items()},
+                dtype=dtype,
             )
             unexpected = set(state) - set(dict(model.named_parameters()))
             if unexpected:
@@ -981,13 +1001,14 @@ class Brain3D(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None = None,
         *,
         expected_sha256: dict[str, str] | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> Brain3D:
         """Build from local Hugging Face checkpoints: a SigLIP (vision-only, full SigLIP such as
         MedSigLIP, or a multimodal Gemma 3) and a Gemma 3 (text-only ``Gemma3ForCausalLM`` or a
         multimodal ``Gemma3ForConditionalGeneration`` such as MedGemma, of which only the language
         model's tensors are read). Nothing is downloaded. ``config`` supplies everything but the two
         sub-configurations, which are read from the checkpoints; default: the ``medgemma-4b`` preset.
+        Every weight, read or new, is in ``dtype``.
         """
         vision, language_model = Path(vision), Path(language_model)
         vision_root = AutoConfig.from_pretrained(vision)
@@ -1023,13 +1044,11 @@ class Brain3D(nn.Module):
         siglip.load_state_dict(_cast(vision_state, dtype), strict=True, assign=True)
         decoder_state = read_safetensors(language_model, _language_model_key_function(text_root.model_type))
         _assign_state(decoder, _cast(decoder_state, dtype), decoder)
-        return cls(config, tokenizer, siglip=siglip, language_model=decoder)
+        return cls(config, tokenizer, siglip=siglip, language_model=decoder).to(dtype)
 
 
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return (
-        state if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    )
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _tied_names(module: nn.Module) -> dict[str, str]:

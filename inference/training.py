@@ -1023,7 +1023,7 @@ def train_pipeline(
     init: Path | None = None,
     schedule: dict[str, StageSettings] | None = None,
     vision_in_lm: bool = True,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     pretrained_2d_run: Path | None = None,
     lesion_loss_weight: float = 0.0,
     findings_loss_weight: float = 1.0,

@@ -67,22 +67,17 @@ def identify_model(settings: ModelSettings) -> ModelIdentity:
     )
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 def load_model(settings: ModelSettings, identity: ModelIdentity) -> LoadedModel:
-    from inference.modeling_brain3d import Brain3D
+    from inference.modeling_brain3d import Brain3D, inference_dtype, resolve_device
 
     device = resolve_device(settings.device)
     if device.type == "cpu":
         # Measured (docs/benchmarks.md, end-to-end latency): on a busy 2-core machine two threads
         # decode 4-7x slower than one; workers scale by processes, not threads.
         torch.set_num_threads(settings.cpu_threads)
-    model = Brain3D.from_pretrained(settings.path).to(device).eval()
-    logger.info("loaded %s from %s on %s", identity.version, settings.path, device)
+    dtype = inference_dtype(device)
+    model = Brain3D.from_pretrained(settings.path, device=device, dtype=dtype)
+    logger.info("loaded %s from %s on %s (%s)", identity.version, settings.path, device, dtype)
     return LoadedModel(model=model, identity=identity, device=device, max_new_tokens=settings.max_new_tokens)
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from inference import training
 from inference.configuration_brain3d import Brain3DConfig
+from inference.metrics import evaluate_reports
 from inference.synthetic import write_dataset
 from worker.cli import app
 
@@ -23,7 +25,7 @@ def test_eval_writes_metrics_confusion_matrix_and_samples(tmp_path: Path) -> Non
         app,
         [
             "eval", "--checkpoint", str(tmp_path / "checkpoint"), "--manifest", str(manifest),
-            "--out", str(tmp_path / "eval"), "--split", "all", "--threads", "1",
+            "--out", str(tmp_path / "eval"), "--split", "all", "--threads", "1", "--device", "auto",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -31,6 +33,26 @@ def test_eval_writes_metrics_confusion_matrix_and_samples(tmp_path: Path) -> Non
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["cases"] == 4
     assert set(metrics["paper"]) == {"laterality", "anatomy", "pathology"}
-    assert 0.0 <= metrics["findings"]["hallucination_rate"] <= 1.0
+    # metrics.json reads back as the scores of the reports written beside it
+    pairs = [json.loads(line) for line in (tmp_path / "eval" / "reports.jsonl").read_text().splitlines()]
+    rescored = json.loads(
+        json.dumps(evaluate_reports([p["reference"] for p in pairs], [p["generated"] for p in pairs]))
+    )
+    assert {key: metrics[key] for key in rescored} == rescored
     assert (tmp_path / "eval" / "confusion_side.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "samples.md").read_text().count("\n") == 4 + 2
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--checkpoint", "none", "--manifest", "none.jsonl"],
+        ["train", "--preset", "tiny", "--synthetic", "--cases", "8"],
+    ],
+)
+def test_eval_and_train_refuse_an_unknown_device_before_reading_anything(
+    command: list[str], tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "out"), "--device", "gpu0"])
+    assert result.exit_code == 2
+    assert "--device" in result.output and not (tmp_path / "out").exists()

@@ -319,3 +319,28 @@ def test_a_checkpoint_missing_weights_is_refused(checkpoints: dict[str, Path], t
     save_file({name: tensor for name, tensor in state.items() if name not in dropped}, weights)
     with pytest.raises(ValueError, match=r"weights missing from .*projector"):
         Brain3D.from_pretrained(tmp_path / "brain3d")
+
+
+def test_base_weights_published_in_bfloat16_load_into_one_dtype_and_generate(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """MedGemma ships in bfloat16; the projector and soft prompts are made in float32. A checkpoint
+    built on such weights must read reports in either dtype, not meet both in one product."""
+    import shutil
+
+    bf16 = {}
+    for part in ("medsiglip-like", "multimodal"):
+        bf16[part] = shutil.copytree(checkpoints[part], tmp_path / part)
+        for shard in bf16[part].glob("*.safetensors"):
+            state = load_file(shard)
+            save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, shard, metadata={"format": "pt"})
+    built = Brain3D.from_2d(
+        vision=bf16["medsiglip-like"], language_model=bf16["multimodal"], config=tiny_config()
+    )
+    assert {p.dtype for p in built.parameters()} == {torch.float32}
+    built.save_pretrained(tmp_path / "brain3d")
+    volumes = random_volumes(built.config).clamp(0, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = Brain3D.from_pretrained(tmp_path / "brain3d", dtype=dtype)
+        assert {p.dtype for p in loaded.parameters()} == {dtype}
+        assert len(loaded.generate(volumes, max_new_tokens=4).reports) == 2
