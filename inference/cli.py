@@ -118,6 +118,14 @@ def train(
     ] = True,
     seed: Annotated[int, typer.Option()] = 0,
     init: Annotated[Path | None, typer.Option(help="start from this checkpoint")] = None,
+    vision: Annotated[
+        Path | None,
+        typer.Option(help="start from this local SigLIP / MedSigLIP folder (presets on pretrained weights)"),
+    ] = None,
+    language_model: Annotated[
+        Path | None,
+        typer.Option(help="... and this local Gemma 3 / MedGemma folder (with its tokenizer)"),
+    ] = None,
     minutes_scale: Annotated[float, typer.Option(help="multiply every stage's time budget")] = 1.0,
     steps: Annotated[
         str | None,
@@ -148,11 +156,24 @@ def train(
         edema_probability = EDEMA_PROBABILITY
     if (manifest is None) == (not synthetic):
         raise typer.BadParameter("give exactly one of --manifest or --synthetic")
+    if (vision is None) != (language_model is None):
+        raise typer.BadParameter("give both --vision and --language-model, or neither")
+    if vision is not None and init is not None:
+        raise typer.BadParameter("start from --init or from --vision and --language-model, not both")
+    preset_config = Brain3DConfig.from_preset(preset)
+    on_pretrained = preset_config.pretrained_language_model
+    if on_pretrained and vision is None and init is None:
+        raise typer.BadParameter(
+            f"the {preset} preset starts from pretrained weights: give --vision and --language-model "
+            "(local Hugging Face folders, e.g. MedSigLIP and MedGemma), or --init",
+            param_hint="--preset",
+        )
     stages = list(training.STAGES) if stage == "all" else [stage]
-    if preset == "medgemma-4b" and stage == "all":
+    if on_pretrained and stage == "all":
         stages = ["contrastive", "projector", "lora"]  # pretrained 2D and text weights: no pretraining
     step_budgets = _step_budgets(steps, stages)
-    grid = Brain3DConfig.from_preset(preset).input_grid
+    # The volumes are prepared on the grid of the model that starts the run.
+    grid = (Brain3DConfig.from_pretrained(init) if init else preset_config).input_grid
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "data.pt"
     source = (
@@ -188,7 +209,7 @@ def train(
         f"ready in {time.perf_counter() - start:.0f} s"
     )
     schedule = {}
-    for name, settings in training.DEMO_SCHEDULE.items():
+    for name, settings in training.schedule_for(preset).items():
         changes: dict = {"minutes": settings.minutes * minutes_scale, "max_steps": step_budgets.get(name)}
         if micro_batch:
             changes["micro_batch"] = micro_batch
@@ -202,6 +223,7 @@ def train(
         out,
         seed=seed,
         init=init,
+        pretrained=(vision, language_model) if vision is not None and language_model is not None else None,
         schedule=schedule,
         vision_in_lm=encoder_in_lm_stages,
         device=target,

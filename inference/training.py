@@ -85,6 +85,30 @@ DEMO_SCHEDULE: dict[str, StageSettings] = {
     "lora": StageSettings(minutes=11.0, micro_batch=16, learning_rate=1e-3, validate_every=100),
 }
 
+#: The paper's stage 2 settings for a pretrained 4B model on one GPU (projector lr 2e-4, LoRA lr 5e-5,
+#: accumulation 8, 10 and 15 epochs; epochs bound them). Stage 1 keeps its negatives in one
+#: micro-batch of 8: by estimate (never run here) about 3.6 GB of the frozen encoder's saved
+#: activations per study in bf16, so about 30 GB beside the weights.
+PRETRAINED_SCHEDULE: dict[str, StageSettings] = {
+    "contrastive": StageSettings(
+        minutes=240, max_epochs=10, micro_batch=8, learning_rate=2e-4, validate_every=200
+    ),
+    "projector": StageSettings(
+        minutes=600, max_epochs=10, micro_batch=4, accumulation=8, learning_rate=2e-4, validate_every=200
+    ),
+    "lora": StageSettings(
+        minutes=900, max_epochs=15, micro_batch=4, accumulation=8, learning_rate=5e-5, validate_every=200
+    ),
+}
+
+
+def schedule_for(preset: str) -> dict[str, StageSettings]:
+    """The stage budgets of ``preset``: the demo's for the small presets, the paper's for pretrained ones."""
+    from inference.configuration_brain3d import Brain3DConfig
+
+    pretrained = Brain3DConfig.from_preset(preset).pretrained_language_model
+    return PRETRAINED_SCHEDULE if pretrained else DEMO_SCHEDULE
+
 
 @dataclass
 class TrainingData:
@@ -1025,17 +1049,21 @@ def train_pipeline(
     vision_in_lm: bool = True,
     device: str | torch.device = "cpu",
     pretrained_2d_run: Path | None = None,
+    pretrained: tuple[Path, Path] | None = None,
     lesion_loss_weight: float = 0.0,
     findings_loss_weight: float = 1.0,
 ) -> Brain3D:
     """Run ``stages`` in order, each starting from the previous one's best checkpoint.
 
-    Stage 1 embeds reports with the text tower of ``pretrain-2d`` in ``pretrained_2d_run``
-    (default: this run) where there is one. Writes ``<out>/<stage>/`` per stage and the final
-    model to ``<out>/final``; returns it."""
+    The run starts from ``init`` (a saved checkpoint), else from ``pretrained`` (local SigLIP and
+    Gemma 3 folders, through ``Brain3D.from_2d``), else from a fresh model of ``preset``; a preset
+    built on pretrained weights refuses the last. Stage 1 embeds reports with the text tower of
+    ``pretrain-2d`` in ``pretrained_2d_run`` (default: this run) where there is one. Writes
+    ``<out>/<stage>/`` per stage and the final model to ``<out>/final``; returns it."""
+    from inference.configuration_brain3d import Brain3DConfig
     from inference.modeling_brain3d import Brain3D
 
-    schedule = schedule or DEMO_SCHEDULE
+    schedule = schedule or schedule_for(preset)
     validation_cases = len(data.indices("val"))
     if validation_cases < 2:
         raise ValueError(
@@ -1045,7 +1073,17 @@ def train_pipeline(
     if lesion_loss_weight > 0:
         _require_lesion_masks(data)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = Brain3D.from_pretrained(init) if init else build_model(preset, data, seed)
+    if init:
+        model = Brain3D.from_pretrained(init)
+    elif pretrained:
+        model = Brain3D.from_2d(*pretrained, config=Brain3DConfig.from_preset(preset))
+    elif Brain3DConfig.from_preset(preset).pretrained_language_model:
+        raise ValueError(
+            f"the {preset} preset starts from pretrained weights: pass pretrained=(vision, language "
+            "model) folders, or init"
+        )
+    else:
+        model = build_model(preset, data, seed)
     model = model.to(device)
     text_tower = load_text_tower(pretrained_2d_run or out_dir, model)
     results = []

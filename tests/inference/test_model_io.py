@@ -344,3 +344,24 @@ def test_base_weights_published_in_bfloat16_load_into_one_dtype_and_generate(
         loaded = Brain3D.from_pretrained(tmp_path / "brain3d", dtype=dtype)
         assert {p.dtype for p in loaded.parameters()} == {dtype}
         assert len(loaded.generate(volumes, max_new_tokens=4).reports) == 2
+
+
+def test_a_training_run_starts_from_local_pretrained_folders(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from inference import training
+
+    language_model = shutil.copytree(checkpoints["text-only"], tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(language_model)  # a released model ships its tokenizer
+    data = training.synthetic_data(24, seed=5, grid=tiny_config().input_grid)
+    quick = training.StageSettings(max_steps=2, micro_batch=2, validate_every=1)
+    model = training.train_pipeline(
+        "tiny", ["projector"], data, tmp_path / "run", pretrained=(checkpoints["siglip"], language_model),
+        schedule={"projector": quick},
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["base_weights"]["language_model"]["path"] == str(language_model.resolve())
+    assert saved["base_weights"]["vision"]["path"] == str(checkpoints["siglip"].resolve())
+    assert len(model.generate(data.volumes[:2], max_new_tokens=3).reports) == 2

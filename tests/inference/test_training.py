@@ -540,3 +540,22 @@ def test_the_encoder_trains_in_the_lm_stages_unless_told_not_to(
     trained = Brain3D.from_pretrained(tmp_path / "final")
     unchanged = torch.equal(trained.vision.embeddings.patch.weight, start.vision.embeddings.patch.weight)
     assert unchanged != encoder_in_lm_stages
+
+
+def test_a_preset_on_pretrained_weights_refuses_to_start_without_them(tmp_path: Path) -> None:
+    """A 4B model of random weights, frozen but for LoRA, would train and teach nothing."""
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    out = tmp_path / "run"
+    arguments = ["train", "--out", str(out), "--preset", "medgemma-4b", "--synthetic", "--cases", "8"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2 and "--vision and --language-model" in result.output
+    result = CliRunner().invoke(app, [*arguments, "--vision", str(tmp_path)])
+    assert result.exit_code == 2 and "give both" in result.output
+    assert not out.exists(), "refused before any data was prepared"
+    with pytest.raises(ValueError, match="starts from pretrained weights"):
+        training.train_pipeline(
+            "medgemma-4b", ["lora"], training.synthetic_data(24, 3, (8, 24, 24)), tmp_path
+        )
