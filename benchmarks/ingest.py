@@ -11,6 +11,7 @@ process, as the bare handler). Every peer and sender gets ``TCP_NODELAY=1``: Deb
 dcmtk stalls about 40 ms per instance without it.
 
     python benchmarks/ingest.py --instances 300 --senders 1 4 --repeats 3
+    python benchmarks/ingest.py --instances 100 --senders 1 4 --association-per-instance
     python benchmarks/ingest.py --profile [--clock wall]   # where serve's time goes (yappi)
 
 The bare handler is the reference the issue sets: it writes file meta plus the raw
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,14 +142,19 @@ stable_seconds = 30
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process and its live descendants (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU seconds of a running process and its live descendants (Linux /proc);
+    a process or thread that ends while it is read counts no more."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(child) for child in task.read_text().split()]
+        except FileNotFoundError:
+            continue
     return own + sum(cpu_seconds(child) for child in children)
 
 
@@ -190,32 +197,40 @@ def peer(kind: str, root: Path) -> Iterator[tuple[int, int]]:
             time.sleep(0.5)  # forked children end with their associations
 
 
-def send(port: int, folders: list[Path]) -> float:
-    """Seconds for every folder to be sent by its own concurrent storescu."""
+def _storescu(port: int, paths: list[Path]) -> None:
+    done = subprocess.run(
+        ["storescu", "127.0.0.1", str(port), *map(str, paths)], env=NODELAY, capture_output=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"storescu failed: {done.stderr.decode()[-500:]}")
+
+
+def send(port: int, folders: list[Path], per_instance: bool = False) -> float:
+    """Seconds for every folder to be sent by its own concurrent sender: one storescu association
+    for the folder, or (``per_instance``) one storescu, and so one association, per instance."""
+
+    def sender(folder: Path) -> None:
+        paths = sorted(folder.iterdir())
+        for batch in ([path] for path in paths) if per_instance else [paths]:
+            _storescu(port, batch)
+
     started = time.perf_counter()
-    senders = [
-        subprocess.Popen(
-            ["storescu", "+sd", "127.0.0.1", str(port), str(folder)],
-            env=NODELAY,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for folder in folders
-    ]
-    for sender in senders:
-        _out, errors = sender.communicate()
-        if sender.returncode != 0:
-            raise RuntimeError(f"storescu failed: {errors.decode()[-500:]}")
+    with ThreadPoolExecutor(len(folders)) as pool:
+        for done in [pool.submit(sender, folder) for folder in folders]:
+            done.result()
     return time.perf_counter() - started
 
 
-def benchmark(work: Path, instances: int, size: int, sender_counts: list[int], repeats: int) -> None:
+def benchmark(
+    work: Path, instances: int, size: int, sender_counts: list[int], repeats: int, per_instance: bool
+) -> None:
     """Interleave the peers in each repeat (so they see the same machine load); print median ratios."""
     most = max(sender_counts)
     folders = [work / "input" / f"sender{n}" for n in range(most)]
     for n, folder in enumerate(folders):
         write_series(folder, instances, size, seed=n)
-    print(f"{instances} instances of {size}x{size} per sender; {repeats} repeats; TCP_NODELAY=1")
+    per = "one association per instance" if per_instance else "one association per sender"
+    print(f"{instances} instances of {size}x{size} per sender, {per}; {repeats} repeats; TCP_NODELAY=1")
     header = " | ".join(f"{kind:>18}" for kind in PEERS)
     print(
         f"{'repeat':>6} | {'load':>4} | {'senders':>7} | {header} | serve/bare | 0 receivers/bare"
@@ -230,7 +245,7 @@ def benchmark(work: Path, instances: int, size: int, sender_counts: list[int], r
                 root = work / f"peer{number}-{senders}-{attempt}"
                 with peer(kind, root) as (port, pid):
                     cpu_before = cpu_seconds(pid)
-                    seconds = send(port, folders[:senders])
+                    seconds = send(port, folders[:senders], per_instance)
                     # storescp --fork works in children that have ended by now: its CPU says nothing
                     cpu_ms[kind] = 1e3 * (cpu_seconds(pid) - cpu_before) / (senders * instances)
                 rates[kind] = senders * instances / seconds
@@ -309,6 +324,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--association-per-instance",
+        action="store_true",
+        help="each sender opens one association per instance (forwarders and some modalities do)",
+    )
     parser.add_argument("--profile", action="store_true", help="profile brain3d serve instead")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="yappi clock for --profile")
@@ -324,7 +344,8 @@ def main() -> None:
         if args.profile:
             profile(Path(work), args.instances, args.size, max(args.senders), args.top, args.clock)
         else:
-            benchmark(Path(work), args.instances, args.size, args.senders, args.repeats)
+            per_instance = args.association_per_instance
+            benchmark(Path(work), args.instances, args.size, args.senders, args.repeats, per_instance)
 
 
 if __name__ == "__main__":

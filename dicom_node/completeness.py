@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 import pydicom
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
 
 from dicom_node.audit import AuditTrail, EventID, Outcome
 from dicom_node.config import CompletionSettings, RoutingSettings
@@ -68,9 +69,9 @@ class Completion:
     job_id: int | None
 
 
-def _representative_path(batch: Batch, series_id: int) -> str | None:
+def _representative_path(session: Session, series_id: int) -> str | None:
     """The file of the series' first instance (lowest instance number): the router's input."""
-    return batch.connection.execute(
+    return session.execute(
         select(Instance.path)
         .where(Instance.series_id == series_id)
         .order_by(Instance.instance_number.is_(None), Instance.instance_number, Instance.id)
@@ -195,9 +196,12 @@ class CompletenessTracker:
     # -- completion -----------------------------------------------------------------------
 
     def complete(self, series_uid: str, reason: str) -> Completion | None:
-        """Mark complete, route, create the job (one SQL batch), then enqueue and audit."""
+        """Route (reading a header), then mark complete and create the job (one SQL batch), then
+        enqueue and audit. The header is read before the batch: every C-STORE answer waiting on
+        that batch's commit would otherwise wait on the file read too."""
+        decision = self._route(series_uid)
         completion = self.ingest.committer.submit(
-            lambda batch: self._complete_in_batch(batch, series_uid, reason)
+            lambda batch: self._complete_in_batch(batch, series_uid, reason, decision)
         )
         result = completion.result()
         if result is None:
@@ -220,7 +224,9 @@ class CompletenessTracker:
                 log.exception("job %d could not be enqueued now", result.job_id)
         return result
 
-    def _complete_in_batch(self, batch: Batch, series_uid: str, reason: str) -> Completion | None:
+    def _complete_in_batch(
+        self, batch: Batch, series_uid: str, reason: str, decision: RoutingDecision
+    ) -> Completion | None:
         record = self.ingest.series_record(batch, series_uid)
         if record is None or record.state != SeriesState.RECEIVING:
             return None  # completed meanwhile (e.g. count and timer both fired)
@@ -231,7 +237,6 @@ class CompletenessTracker:
             .where(Series.id == record.id)
             .group_by(Series.id)
         ).one()
-        decision = self._route(batch, record.id, record.produced_by_node)
         now = datetime.now(UTC)
         connection.execute(
             update(Series)
@@ -269,10 +274,14 @@ class CompletenessTracker:
             job_id=job_id,
         )
 
-    def _route(self, batch: Batch, series_id: int, produced_by_node: bool) -> RoutingDecision:
-        if produced_by_node:
+    def _route(self, series_uid: str) -> RoutingDecision:
+        with self.database.session() as session:
+            row = session.execute(
+                select(Series.id, Series.produced_by_node).where(Series.series_instance_uid == series_uid)
+            ).first()
+            path = _representative_path(session, row.id) if row is not None else None
+        if row is not None and row.produced_by_node:
             return RoutingDecision(False, "produced_by_node: an SR this node wrote, routed back", "SR")
-        path = _representative_path(batch, series_id)
         if path is None:
             return RoutingDecision(False, "no_instances: every instance was refused", "unknown")
         try:

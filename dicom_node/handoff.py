@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from dicom_node.db.models import Job, JobState
 from dicom_node.db.session import Database
-from worker.app import CPU_QUEUE, RUN_JOB_TASK
+from worker.app import CPU_QUEUE, send_run_job
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class HandOff:
 
     def enqueue(self, job_id: int) -> datetime:
         """Send the job's message and record when; returns ``queued_at``."""
-        self.app.send_task(RUN_JOB_TASK, args=[job_id], queue=CPU_QUEUE)
+        send_run_job(self.app, job_id)
         queued_at = datetime.now(UTC)
         with self.database.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(queued_at=queued_at))

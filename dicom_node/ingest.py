@@ -385,10 +385,15 @@ class InstanceRecorded:
 class Ingest:
     """SQL bookkeeping of the Storage SCP: associations, studies, series, instances."""
 
+    #: Studies and series whose rows are cached (SQL has them all; a miss reads the row). A node
+    #: that runs for years must not keep every series it ever saw in memory.
+    cache_limit = 100_000
+
     def __init__(self, database: Database, count_rules: Sequence[CountRule] = ()) -> None:
         self.database = database
         self.count_rules = tuple(count_rules)
         self.committer = GroupCommitter(database)
+        # Touched by the committing thread only.
         self._study_ids: dict[str, int] = {}
         self._series: dict[str, SeriesRecord] = {}
         self._listeners: list[Callable[[InstanceRecorded], None]] = []
@@ -442,8 +447,14 @@ class Ingest:
     def stage_series(self, batch: Batch, record: SeriesRecord) -> None:
         """Make ``record`` the cached view once ``batch`` commits."""
         if ("series", record.series_uid) not in batch.staged:
-            batch.after_commit(lambda: self._series.__setitem__(record.series_uid, record))
+            batch.after_commit(lambda: self._cache(self._series, record.series_uid, record))
         batch.staged[("series", record.series_uid)] = record
+
+    def _cache(self, cache: dict[str, Any], key: str, value: Any) -> None:
+        """Remember a committed row, starting afresh past ``cache_limit`` (rows are re-read)."""
+        if len(cache) >= self.cache_limit and key not in cache:
+            cache.clear()
+        cache[key] = value
 
     # -- operations --------------------------------------------------------------------------
 
@@ -536,7 +547,7 @@ class Ingest:
                     .returning(Study.id)
                 ).scalar_one()
             batch.staged[key] = study_id
-            batch.after_commit(lambda: self._study_ids.__setitem__(study_uid, study_id))
+            batch.after_commit(lambda: self._cache(self._study_ids, study_uid, study_id))
         return study_id
 
     def _series_for_instance(

@@ -148,6 +148,20 @@ class SharedSocketAssociationServer(ThreadedAssociationServer):
         self.server_close()
 
 
+class SharedContexts(list):
+    """The SCP's supported presentation contexts, shared by every association.
+
+    pynetdicom deep-copies them for each association it accepts, in case an application
+    changes them while it runs: for all storage classes with every transfer syntax that is
+    about 40 ms of CPU per association (docs/benchmarks.md), paid by senders that open one
+    association per instance. This node never changes them after start, and negotiation only
+    reads them, so the copy is the list itself.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedContexts:
+        return self
+
+
 #: How long a closed connection's audit event waits for C-STOREs still being recorded.
 CLOSE_WAIT_S = 60.0
 
@@ -243,6 +257,7 @@ class StorageSCP:
             server_class=SharedSocketAssociationServer,
             listener=listener,
         )
+        server.contexts = SharedContexts(server.contexts)
         threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
         self._server = server
         log.info("Storage SCP %s listening on %s:%d", self.node.ae_title, self.node.host, self.port)

@@ -40,6 +40,8 @@ PREAMBLE_AND_PREFIX = 132
 _GROUP_LENGTH_ELEMENT = b"\x02\x00\x00\x00UL\x04\x00"
 _LOCK_STRIPES = 64
 FREE_BYTES_REFRESH_SECONDS = 0.5
+#: Series folders a spool remembers as made before it forgets them all (about 100 B each).
+KNOWN_DIRS_LIMIT = 100_000
 # Lenient on purpose (some scanners emit non-conformant UIDs) but safe as a path component.
 _SAFE_UID = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,63}$")
 
@@ -162,7 +164,8 @@ class Spool:
         self._lock_files = self.root / LOCKS_DIR
         self._lock_files.mkdir(exist_ok=True)
         self._lock_descriptors: dict[int, int] = {}
-        # Series folders known to exist (created or seen here; remove_series forgets them).
+        # Series folders known to exist (created or seen here; remove_series forgets them),
+        # forgotten all at once past KNOWN_DIRS_LIMIT: a miss only checks the folder again.
         self._known_dirs: set[Path] = set()
         self._temporary_names = itertools.count()
         self._free_lock = threading.Lock()
@@ -226,6 +229,8 @@ class Spool:
             fsync_dir(folder.parent)
             if not study_existed:
                 fsync_dir(self.root)
+        if len(self._known_dirs) >= KNOWN_DIRS_LIMIT:
+            self._known_dirs.clear()
         self._known_dirs.add(folder)
 
     def _existing_match(self, folder: Path, sop_uid: str, sha256: str) -> tuple[Path, bool]:

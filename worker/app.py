@@ -91,3 +91,10 @@ def create_app(settings: Settings | None = None) -> Celery:
     )
     app.conf.brain3d_settings = settings
     return app
+
+
+def send_run_job(app: Celery, job_id: int) -> None:
+    """Send ``brain3d.run_job(job_id)`` on ``cpu``: by name, so the sender needs no task code,
+    and without a result, which nothing reads: asking for one makes Celery reach the result
+    backend first, and one that is down held the sender about 20 s per job."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=CPU_QUEUE, ignore_result=True)

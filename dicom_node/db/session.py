@@ -21,7 +21,8 @@ def _tune_sqlite(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-
 
 
 def create_database_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite files get their folder, WAL and a busy timeout."""
+    """An engine for ``url``; SQLite files get their folder, WAL and a busy timeout; PostgreSQL
+    a 10 s connect timeout unless the URL sets one."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -29,7 +30,13 @@ def create_database_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        # A database host that drops packets would otherwise hold a connect for the OS's TCP
+        # timeout (minutes), and every C-STORE waiting on it would time out at the sender
+        # instead of being answered Out of Resources.
+        connect_args["connect_timeout"] = 10
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 class Database:

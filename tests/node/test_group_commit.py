@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import Future
 
@@ -123,3 +124,21 @@ def test_many_concurrent_submitters_lose_nothing(database: Database) -> None:
     assert len(set(results)) == 240
     assert _studies(database) == 240
     assert committer.operations_committed == 240
+
+
+def test_a_postgresql_host_that_never_answers_is_given_up_on() -> None:
+    """A database behind a dropped route must fail a connect (the SCP then answers Out of
+    Resources), not hold it for the OS's TCP timeout while every sender times out. A listening
+    socket that never accepts plays that host: the TCP handshake completes, nothing answers."""
+    from sqlalchemy.exc import OperationalError
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        handle = Database(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres")
+        try:
+            with pytest.raises(OperationalError, match="timeout"), handle.session() as session:
+                session.execute(select(1))
+        finally:
+            handle.dispose()

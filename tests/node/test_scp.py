@@ -266,3 +266,26 @@ def test_ten_concurrent_associations_of_200_instances_lose_nothing(tmp_path: Pat
     assert sorted(counts) == [200] * 10
     spooled = {path.stem for path in node.spool_dir.glob("*/*/*.dcm")}
     assert spooled == expected
+
+
+def test_one_association_per_instance_shares_the_scps_contexts_and_loses_nothing(tmp_path: Path) -> None:
+    """Senders that open an association per instance: every association negotiates from the one
+    shared list (pynetdicom would deep-copy it each time), which negotiation leaves unchanged."""
+    from dicom_node.scp import SharedContexts
+
+    shared = SharedContexts([object()])
+    assert copy.deepcopy(shared) is shared
+    datasets = mr_series(20, with_pixels=True)
+    with NodeProcess(tmp_path / "node", stable_seconds=30) as node:
+        statuses = [status for ds in datasets for status in _send(node.port, [ds])]
+        echo = AE(ae_title="SCU")
+        echo.add_requested_context("1.2.840.10008.1.1")
+        association = echo.associate("127.0.0.1", node.port, ae_title="BRAIN3D")
+        assert association.is_established and int(association.send_c_echo().Status) == 0
+        association.release()
+    assert statuses == [0] * 20
+    database = node.database()
+    with database.session() as session:
+        stored = set(session.execute(select(Instance.sop_instance_uid)).scalars())
+    database.dispose()
+    assert stored == {str(ds.SOPInstanceUID) for ds in datasets}
