@@ -82,10 +82,16 @@ class StorageSettings(_Section):
         168.0,
         ge=0,
         allow_inf_nan=False,
-        description="Spooled series whose jobs ended are removed after this long.",
+        description="Spooled series whose jobs ended are removed, with their jobs' working folders, "
+        "after this long.",
     )
     work_dir: Path = DEFAULT_VAR_DIR / "work"
     reports_dir: Path = DEFAULT_VAR_DIR / "reports"
+
+    def job_dir(self, job_id: int) -> Path:
+        """A job's working folder: the converted series, the model's input, what conversion read.
+        Removed with its series' spool by retention."""
+        return Path(self.work_dir) / f"job-{job_id}"
 
 
 class DatabaseSettings(_Section):

@@ -1,14 +1,18 @@
 """Removing spooled series the node no longer needs, after ``storage.retention_hours``.
 
 A series is removable once it is complete and either ineligible or every one of its
-jobs has ended (succeeded, failed, not analysed), and the last of those events is older
-than the retention time. Its SQL rows stay (they are the record); ``spool_removed_at``
-says the bytes are gone, and each removal is audited.
+jobs, of every generation, has ended (succeeded, failed, not analysed), and the last of
+those events is older than the retention time. Its instances go, and so do its jobs'
+working folders (a full-resolution copy of the images). Its SQL rows stay (they are the
+record); ``spool_removed_at`` says the bytes are gone, and each removal is audited. The
+SRs in ``storage.reports_dir`` stay: they are what the node sent.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,10 +43,12 @@ class Retention:
         audit: AuditTrail,
         retention_hours: float,
         guard_seconds: float,
+        job_dir: Callable[[int], Path],
     ) -> None:
         self.database = database
         self.spool = spool
         self.audit = audit
+        self.job_dir = job_dir  # a job's working folder (``StorageSettings.job_dir``)
         self.retention = timedelta(hours=retention_hours)
         # A folder written to this recently is never removed (an instance may await its commit).
         self.guard_seconds = guard_seconds
@@ -50,11 +56,8 @@ class Retention:
     def candidates(self, now: datetime) -> list[tuple[int, str, str]]:
         """(series id, study UID, series UID) of complete series whose retention has run out."""
         cutoff = now - self.retention
-        open_jobs = (
-            select(Job.id)
-            .where(Job.series_id == Series.id, Job.series_generation == Series.generation)
-            .where(Job.state.not_in(FINAL_JOB_STATES))
-            .exists()
+        open_jobs = (  # of any generation: an earlier one's job may still read the spool
+            select(Job.id).where(Job.series_id == Series.id, Job.state.not_in(FINAL_JOB_STATES)).exists()
         )
         last_job_end = (
             select(func.max(Job.finished_at))
@@ -106,7 +109,8 @@ class Retention:
             ):
                 continue  # written to just now: a late instance re-opens it instead
             removed.append(RemovedSeries(study_uid, series_uid))
-            log.info("retention removed the spool of series %s", series_uid)
+            work_folders = self._remove_work_folders(series_id)
+            log.info("retention removed series %s: its spool and %d job folder(s)", series_uid, work_folders)
             try:
                 self.audit.record(
                     EventID.DICOM_STUDY_DELETED,
@@ -114,8 +118,28 @@ class Retention:
                     action="D",
                     study_uid=study_uid,
                     series_uid=series_uid,
-                    detail={"reason": "retention", "retention_hours": self.retention.total_seconds() / 3600},
+                    detail={
+                        "reason": "retention",
+                        "retention_hours": self.retention.total_seconds() / 3600,
+                        "job_folders_removed": work_folders,
+                    },
                 )
             except Exception:
                 log.exception("retention of series %s could not be audited", series_uid)
+        return removed
+
+    def _remove_work_folders(self, series_id: int) -> int:
+        """Remove the working folders of the series' jobs (all ended); how many there were."""
+        with self.database.session() as session:
+            job_ids = session.execute(select(Job.id).where(Job.series_id == series_id)).scalars().all()
+        removed = 0
+        for job_id in job_ids:
+            folder = self.job_dir(job_id)
+            if not folder.exists():
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.exists():
+                log.error("retention could not remove %s", folder)
+            else:
+                removed += 1
         return removed

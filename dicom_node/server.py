@@ -70,6 +70,7 @@ class NodeServer:
             self.audit,
             settings.storage.retention_hours,
             guard_seconds=max(60.0, 2 * settings.completion.stable_seconds),
+            job_dir=settings.storage.job_dir,
         )
         self._retention_thread = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         self._retention_thread.start()

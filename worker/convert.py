@@ -71,7 +71,7 @@ def _newest_of(rows: Sequence[Instance]) -> SourceInstances:
 
 
 def work_dir(runtime: Runtime, job_id: int) -> Path:
-    path = Path(runtime.settings.storage.work_dir) / f"job-{job_id}"
+    path = runtime.settings.storage.job_dir(job_id)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

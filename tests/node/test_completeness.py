@@ -6,14 +6,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pacs import enhanced_mr, mr_series
+from pacs import enhanced_mr, free_port, mr_series
 from pydantic import ValidationError
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import encode
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from dicom_node.audit import AuditTrail
-from dicom_node.config import COUNT_RULE_KEYWORDS, CountRule
+from dicom_node.config import COUNT_RULE_KEYWORDS, CountRule, StorageSettings
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import Instance, Job, JobState, Series, SeriesState, Study
 from dicom_node.db.session import Database
@@ -93,6 +93,19 @@ def _series(database: Database, spool: Spool, study_uid: str, series_uid: str, *
         ).scalar_one()
 
 
+def _retention(
+    database: Database, spool: Spool, tmp_path: Path, *, retention_hours: float, guard_seconds: float
+) -> Retention:
+    return Retention(
+        database,
+        spool,
+        AuditTrail(database, b"k" * 32),
+        retention_hours=retention_hours,
+        guard_seconds=guard_seconds,
+        job_dir=StorageSettings(work_dir=tmp_path / "work").job_dir,
+    )
+
+
 def test_retention_removes_only_series_whose_jobs_ended(database_url: str, tmp_path: Path) -> None:
     upgrade(database_url)
     database = Database(database_url)
@@ -102,20 +115,40 @@ def test_retention_removes_only_series_whose_jobs_ended(database_url: str, tmp_p
     finished = _series(database, spool, "1.2", "1.2.1", eligible=True)
     running = _series(database, spool, "1.3", "1.3.1", eligible=True)
     recent = _series(database, spool, "1.4", "1.4.1", eligible=True)
+    resent = _series(database, spool, "1.6", "1.6.1", eligible=True)  # re-opened: generation 1
     now = datetime.now(UTC)
     with database.session() as session:
-        for series_id, state, finished_at in (
-            (finished, JobState.SUCCEEDED, now - timedelta(hours=3)),
-            (running, JobState.RUNNING, None),
-            (recent, JobState.FAILED, now - timedelta(minutes=30)),
+        session.execute(update(Series).where(Series.id == resent).values(generation=1))
+        for series_id, generation, state, finished_at in (
+            (finished, 0, JobState.SUCCEEDED, now - timedelta(hours=3)),
+            (running, 0, JobState.RUNNING, None),
+            (recent, 0, JobState.FAILED, now - timedelta(minutes=30)),
+            (resent, 0, JobState.RUNNING, None),  # the first generation's job still reads the spool
+            (resent, 1, JobState.SUCCEEDED, now - timedelta(hours=3)),
         ):
-            session.execute(insert(Job).values(series_id=series_id, state=state, finished_at=finished_at))
+            session.execute(
+                insert(Job).values(
+                    series_id=series_id, series_generation=generation, state=state, finished_at=finished_at
+                )
+            )
 
-    removed = Retention(database, spool, audit, retention_hours=2, guard_seconds=0).run_once()
+    storage = StorageSettings(work_dir=tmp_path / "work")
+    with database.session() as session:
+        job_ids = dict(session.execute(select(Job.series_id, Job.id).order_by(Job.id)).all())
+    for job_id in job_ids.values():
+        storage.job_dir(job_id).mkdir(parents=True)
+        (storage.job_dir(job_id) / "series.nii.gz").write_bytes(b"a copy of the images")
+
+    removed = Retention(
+        database, spool, audit, retention_hours=2, guard_seconds=0, job_dir=storage.job_dir
+    ).run_once()
 
     assert sorted(r.series_uid for r in removed) == ["1.1.1", "1.2.1"]
+    assert not storage.job_dir(job_ids[finished]).exists(), "the job's copy of the images goes with the spool"
+    assert storage.job_dir(job_ids[running]).exists() and storage.job_dir(job_ids[recent]).exists()
     assert not spool.series_dir("1.1", "1.1.1").exists() and not spool.series_dir("1.2", "1.2.1").exists()
     assert spool.series_dir("1.3", "1.3.1").exists() and spool.series_dir("1.4", "1.4.1").exists()
+    assert spool.series_dir("1.6", "1.6.1").exists()
     with database.session() as session:
         removed_at = dict(session.execute(select(Series.id, Series.spool_removed_at)).all())
     assert removed_at[ineligible] and removed_at[finished]
@@ -147,9 +180,7 @@ def test_retention_removes_a_series_filed_under_two_studies(sqlite_url: str, tmp
                     sha256=path.stem * 64,
                 )
             )
-    retention = Retention(
-        database, spool, AuditTrail(database, b"k" * 32), retention_hours=1, guard_seconds=0
-    )
+    retention = _retention(database, spool, tmp_path, retention_hours=1, guard_seconds=0)
     assert [removed.series_uid for removed in retention.run_once()] == ["1.5.1"]
     assert not spool.series_dir("1.5", "1.5.1").exists() and not corrected.exists()
     database.dispose()
@@ -160,9 +191,7 @@ def test_retention_never_removes_a_folder_written_just_now(sqlite_url: str, tmp_
     database = Database(sqlite_url)
     spool = Spool(tmp_path / "spool")
     _series(database, spool, "1.1", "1.1.1", eligible=False)
-    retention = Retention(
-        database, spool, AuditTrail(database, b"k" * 32), retention_hours=0, guard_seconds=60
-    )
+    retention = _retention(database, spool, tmp_path, retention_hours=0, guard_seconds=60)
     assert retention.run_once() == []
     assert spool.series_dir("1.1", "1.1.1").exists()
     database.dispose()
@@ -174,9 +203,7 @@ def test_an_instance_re_sent_after_retention_is_removed_again(sqlite_url: str, t
     upgrade(sqlite_url)
     database = Database(sqlite_url)
     spool = Spool(tmp_path / "spool")
-    retention = Retention(
-        database, spool, AuditTrail(database, b"k" * 32), retention_hours=1, guard_seconds=0
-    )
+    retention = _retention(database, spool, tmp_path, retention_hours=1, guard_seconds=0)
     dataset = mr_series(1)[0]
     data = encode(dataset, False, True)
     headers = _headers(dataset)
@@ -214,6 +241,92 @@ def test_an_instance_re_sent_after_retention_is_removed_again(sqlite_url: str, t
             assert session.execute(select(Series.spool_removed_at)).scalar_one() is None
         assert [r.series_uid for r in retention.run_once()] == [headers.series_uid]
         assert not folder.exists()
+    finally:
+        ingest.stop()
+        database.dispose()
+
+
+def test_a_job_is_handed_on_while_the_result_backend_is_down(sqlite_url: str, tmp_path: Path) -> None:
+    """Nothing reads task results, so the node never waits for their store: before, a send asked
+    for one and a result backend that was down held series completion about 20 s per job."""
+    from kombu import Connection
+
+    from dicom_node.config import load_settings
+    from dicom_node.handoff import HandOff
+    from worker.app import CPU_QUEUE, RUN_JOB_TASK, create_app
+
+    upgrade(sqlite_url)
+    database = Database(sqlite_url)
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens
+    app = create_app(load_settings(queue={"broker_url": broker, "result_backend": unreachable}))
+    with database.session() as session:
+        study_id = session.execute(
+            insert(Study).values(study_instance_uid="1.9").returning(Study.id)
+        ).scalar_one()
+        series_id = session.execute(
+            insert(Series).values(series_instance_uid="1.9.1", study_id=study_id).returning(Series.id)
+        ).scalar_one()
+        job_id = session.execute(insert(Job).values(series_id=series_id).returning(Job.id)).scalar_one()
+
+    HandOff(database, app).enqueue(job_id)
+
+    with database.session() as session:
+        assert session.get(Job, job_id).queued_at is not None
+    with Connection(broker) as connection:
+        queue = connection.SimpleQueue(CPU_QUEUE)
+        message = queue.get(timeout=2)
+        queue.close()
+    assert message.headers["task"] == RUN_JOB_TASK and message.decode()[0] == [job_id]
+    database.dispose()
+
+
+def test_series_forgotten_by_the_bounded_cache_are_read_back_from_sql(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The node keeps a bounded number of series in memory; one it forgot is read from SQL again,
+    so a late instance still finds its series (and re-opens it) instead of making a second one."""
+    upgrade(sqlite_url)
+    database = Database(sqlite_url)
+    spool = Spool(tmp_path / "spool")
+    ingest = Ingest(database)
+    ingest.cache_limit = 2
+    ingest.start()
+    series = [mr_series(2) for _ in range(5)]
+
+    def receive(dataset) -> InstanceOutcome:
+        headers = _headers(dataset)
+        meta = file_meta_bytes(dataset.SOPClassUID, dataset.SOPInstanceUID, ExplicitVRLittleEndian)
+        spooled = spool.store(
+            headers.study_uid,
+            headers.series_uid,
+            headers.sop_instance_uid,
+            meta,
+            encode(dataset, False, True),
+        )
+        return ingest.record_instance(
+            headers, spooled, transfer_syntax_uid=ExplicitVRLittleEndian, association_id=None,
+            received_at=datetime.now(UTC),
+        ).result()  # fmt: skip
+
+    try:
+        for first, _ in series:
+            assert receive(first) is InstanceOutcome.STORED
+        assert len(ingest._series) <= 2, "the cache stays bounded"
+        first_series = series[0][0].SeriesInstanceUID
+        with database.session() as session:
+            session.execute(
+                update(Series).where(Series.series_instance_uid == first_series).values(state="complete")
+            )
+        assert receive(series[0][1]) is InstanceOutcome.STORED  # a late instance of a forgotten series
+        with database.session() as session:
+            rows = session.execute(
+                select(Series.generation, func.count(Instance.id))
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Series.series_instance_uid == first_series)
+                .group_by(Series.id)
+            ).all()
+        assert rows == [(1, 2)], "one series row, re-opened, holding both instances"
     finally:
         ingest.stop()
         database.dispose()
