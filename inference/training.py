@@ -386,6 +386,7 @@ def run_loop(
         "best": math.inf,
         "log": [],
         "max_steps": settings.max_steps,
+        "batch": [settings.micro_batch, settings.accumulation],
         "options": options,
     }
     last = stage_dir / "last.pt"
@@ -397,6 +398,13 @@ def run_loop(
             raise ValueError(
                 f"stage {stage} was started with a step budget of {state.get('max_steps')}, not "
                 f"{settings.max_steps}: resume it with the same --steps, or remove {last} to restart it"
+            )
+        batch = [settings.micro_batch, settings.accumulation]
+        if state.setdefault("batch", batch) != batch:  # so would its steps per epoch
+            raise ValueError(
+                f"stage {stage} was started with micro-batch and accumulation {state['batch']}, not "
+                f"{batch}: resume it with the same --micro-batch and --accumulation, or remove {last} "
+                "to restart it"
             )
         if state.get("options", {}) != options:
             raise ValueError(
@@ -413,6 +421,8 @@ def run_loop(
         random.setstate(saved["python_rng"])
         np.random.set_state(saved["numpy_rng"])
         torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])  # LoRA dropout draws on the GPU
         logger.info("resuming stage %s at step %d", stage, state["step"])
     # Where the data stand (this epoch's order, the next batch, the batch randomness): saved with
     # the weights, so a resumed stage sees exactly the batches an uninterrupted one would have.
@@ -434,6 +444,7 @@ def run_loop(
                 "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "batch_rng": rng.getstate(),
                 "position": position,
             },

@@ -235,6 +235,10 @@ def test_a_step_budget_replaces_the_time_budget_and_anneals_over_its_steps(tmp_p
             toy.run(crash_at_25, other, tmp_path / "resumed")
     with pytest.raises(ValueError, match="resume it with the same options"):
         toy.run(crash_at_25, settings, tmp_path / "resumed", options={"lesion_loss_weight": 1.0})
+    for change in ({"micro_batch": 2}, {"accumulation": 2}):
+        other = dataclasses.replace(settings, **change)
+        with pytest.raises(ValueError, match="resume it with the same --micro-batch and --accumulation"):
+            toy.run(crash_at_25, other, tmp_path / "resumed")
     assert toy.run(slow_loss, settings, tmp_path / "resumed").steps == 60
 
 
