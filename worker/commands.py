@@ -11,10 +11,12 @@ from sqlalchemy import update
 
 from dicom_node.audit import Action, EventID, EventTypeCode, Outcome
 from dicom_node.cli import ConfigOption, service_settings_or_exit, settings_or_exit
+from dicom_node.config import CONFIG_ENV
 from dicom_node.db import Job, JobState
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
-from worker.app import CPU_QUEUE, GPU_QUEUE, RUN_JOB_TASK, create_app
+from dicom_node.sr.validate import VALIDATORS, available_validators
+from worker.app import CPU_QUEUE, GPU_QUEUE, create_app, send_run_job
 from worker.jobs import JobBook
 from worker.reconciler import Reconciler, reconcile_once
 from worker.runtime import configure
@@ -45,7 +47,15 @@ def worker(
     reconciler = Reconciler(runtime, app) if reconcile else None
     if reconciler is not None:
         reconciler.start()
-    ae_title, detail = settings.node.ae_title, {"queues": queues}
+    validators = available_validators()
+    missing = sorted(set(VALIDATORS) - set(validators))
+    if missing:
+        typer.echo(
+            f"warning: {', '.join(missing)} not installed: SRs are sent checked by "
+            f"{', '.join(validators) or 'no validator'} only (install dcmtk and dicom3tools)",
+            err=True,
+        )
+    ae_title, detail = settings.node.ae_title, {"queues": queues, "sr_validators": list(validators)}
     runtime.audit.record_service_activity(
         "worker", EventTypeCode.APPLICATION_START, ae_title=ae_title, detail=detail
     )
@@ -120,7 +130,7 @@ def retry(
         job_id=job_id,
         detail={"previous_state": job.state.value, "previous_reason": job.error_reason},
     )
-    create_app(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=CPU_QUEUE)
+    send_run_job(create_app(settings), job_id)
     typer.echo(f"job {job_id} queued again")
 
 
@@ -141,6 +151,8 @@ def demo(
     from worker.demo import print_result, run_demo
 
     settings = settings_or_exit(config)
+    if config is not None:  # the node and the worker the demo starts read it too
+        os.environ[CONFIG_ENV] = str(config.resolve())
     upgrade(settings.database.url)
     print_result(run_demo(settings, seed=seed))
 

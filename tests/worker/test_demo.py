@@ -83,3 +83,31 @@ def test_the_demo_reports_the_true_side(demo: tuple[str, Path]) -> None:
 def test_the_demo_reports_the_true_lobe(demo: tuple[str, Path]) -> None:
     coded, truth, _ = _findings_table(demo[0])["lobes"]
     assert coded == truth
+
+
+def test_the_demo_runs_on_the_configuration_it_is_given(tmp_path: Path) -> None:
+    """The node and the worker the demo starts read the --config file too: before, they ran on the
+    defaults while the demo waited on the file's database."""
+    site = tmp_path / "site"
+    config = tmp_path / "site.toml"
+    config.write_text(
+        f'[storage]\nspool_dir = "{site}/spool"\nwork_dir = "{site}/work"\nreports_dir = "{site}/reports"\n'
+        f'[database]\nurl = "sqlite:///{site}/brain3d.db"\naudit_key_file = "{site}/audit.key"\n'
+        f'[queue]\nbroker_url = "sqla+sqlite:///{site}/broker.db"\n'
+        f'result_backend = "db+sqlite:///{site}/results.db"\n'
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BRAIN3D_")}
+    brain3d = Path(sys.executable).parent / "brain3d"
+    run = subprocess.run(
+        [str(brain3d), "demo", "--config", str(config)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "job 1: succeeded" in run.stdout
+    assert len(list((site / "demo" / "received").rglob("*.dcm"))) == 2
+    assert list((site / "spool").rglob("*.dcm")), "the node spooled into the configured folder"
+    assert not (tmp_path / "var").exists(), "nothing ran on the defaults"

@@ -30,11 +30,12 @@ from harness import (
     write_study,
 )
 from pacs import Orthanc, free_port
-from serve_harness import storescu, wait_for
+from serve_harness import dataset_bytes, storescu, wait_for
 from sqlalchemy import select
 
 from dicom_node.db import AuditEvent, Delivery, JobState, Series, StructuredReport
 from dicom_node.db.models import utcnow
+from dicom_node.spool import dataset_offset
 from dicom_node.sr import AI_DISCLAIMER, DEMO_DISCLAIMER, read_coded_findings, read_narrative
 from dicom_node.sr.validate import validate_sr
 from inference.report_schema import Side, parse
@@ -61,19 +62,24 @@ def _destination(pacs: Orthanc) -> list[dict]:
     return [{"host": "127.0.0.1", "port": pacs.dicom_port, "ae_title": pacs.ae_title}]
 
 
-def _sr_instances_in_orthanc(pacs: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
-    """Every SR Orthanc holds in the study, read from the bytes it stored."""
+def _sr_files_in_orthanc(pacs: Orthanc, study_uid: str) -> list[bytes]:
+    """The files of every SR Orthanc holds in the study, as it stored them."""
     query = json.dumps({"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}).encode()
     request = urllib.request.Request(f"{pacs.url}/tools/find", data=query, method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         found = json.loads(response.read())
-    datasets = []
+    files = []
     for study_id in found:
         for series_id in pacs.get(f"/studies/{study_id}")["Series"]:
             series = pacs.get(f"/series/{series_id}")
             if series["MainDicomTags"].get("Modality") == "SR":
-                datasets += [pydicom.dcmread(io.BytesIO(pacs.file_of(i))) for i in series["Instances"]]
-    return datasets
+                files += [pacs.file_of(i) for i in series["Instances"]]
+    return files
+
+
+def _sr_instances_in_orthanc(pacs: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
+    """Every SR Orthanc holds in the study, read from the bytes it stored."""
+    return [pydicom.dcmread(io.BytesIO(data)) for data in _sr_files_in_orthanc(pacs, study_uid)]
 
 
 def _in_order(seen: list, expected: list) -> bool:
@@ -88,13 +94,14 @@ def _events(environment: NodeEnvironment, job_id: int) -> list[tuple[str, str | 
         return [(row.event_id, row.event_type, row.outcome) for row in rows]
 
 
-def _worker_activity(environment: NodeEnvironment) -> list[tuple[str, str]]:
-    """(event type, process id) of each worker start (110120) and stop (110121) the trail holds."""
+def _worker_activity(environment: NodeEnvironment) -> list[tuple[str, str, list[str] | None]]:
+    """(event type, process id, SR validators it runs) of each worker start (110120) and stop
+    (110121) the trail holds."""
     with environment.database().session() as session:
         query = select(AuditEvent.document).where(AuditEvent.event_id == "110100")
         documents = [json.loads(document) for document in session.scalars(query)]
     return [
-        (d["event_type"]["code"], d["participants"][0]["user_id"])
+        (d["event_type"]["code"], d["participants"][0]["user_id"], d["detail"].get("sr_validators"))
         for d in documents
         if d["detail"].get("service") == "worker"
     ]
@@ -143,13 +150,22 @@ def _check_reports(pacs: Orthanc, study: Study, job, tmp_path: Path) -> list[pyd
     return reports
 
 
-def _delivered_once(job, environment: NodeEnvironment) -> None:
+def _delivered_once(job, environment: NodeEnvironment, pacs: Orthanc, study: Study) -> None:
+    """Each persisted SR delivered once, and the PACS holds its very bytes (a re-delivery sends
+    what was persisted, never a rebuilt copy)."""
     with environment.database().session() as session:
         reports = session.scalars(select(StructuredReport).where(StructuredReport.job_id == job.id)).all()
         deliveries = session.scalars(
             select(Delivery).where(Delivery.job_id == job.id, Delivery.succeeded)
         ).all()
     assert sorted(d.sop_instance_uid for d in deliveries) == sorted(r.sop_instance_uid for r in reports)
+    held = {
+        str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID): data[
+            dataset_offset(data) :
+        ]
+        for data in _sr_files_in_orthanc(pacs, study.uid("flair", "StudyInstanceUID"))
+    }
+    assert held == {report.sop_instance_uid: dataset_bytes(Path(report.path)) for report in reports}
 
 
 def _embedded_environment(tmp_path: Path, pacs: Orthanc, extra: dict[str, str]) -> NodeEnvironment:
@@ -183,7 +199,7 @@ def test_a_study_comes_back_as_two_valid_srs_in_orthanc(redis_environment, ortha
         job = wait_for_final_job(environment.database(), study.uid(), timeout_s=180)
         assert job.state == JobState.SUCCEEDED, job.error_reason
         _check_reports(orthanc, study, job, tmp_path)
-        _delivered_once(job, environment)
+        _delivered_once(job, environment, orthanc, study)
         # Every step has its timestamp, in order, from the last instance to the PACS.
         steps = [
             job.last_instance_received_at,
@@ -206,7 +222,10 @@ def test_a_study_comes_back_as_two_valid_srs_in_orthanc(redis_environment, ortha
         assert all(outcome == 0 for _, _, outcome in events), f"every step succeeded, first time: {events}"
         pid = str(worker.process.pid)
         worker.stop()
-        assert _worker_activity(environment) == [("110120", pid), ("110121", pid)], "start and stop audited"
+        assert _worker_activity(environment) == [
+            ("110120", pid, ["dciodvfy", "dsrdump"]),
+            ("110121", pid, ["dciodvfy", "dsrdump"]),
+        ], "start and stop audited, with the SR validators the worker runs"
         _audit_verifies(environment)
     finally:
         worker.stop()
@@ -270,7 +289,7 @@ def test_sigkill_of_the_inference_child_reruns_it_and_the_pacs_gets_one_copy(
         # The replacement child loads the model before it reports up; Celery must wait for it.
         assert "Timed out waiting for UP message" not in worker.log()
         _check_reports(orthanc, study, job, tmp_path)
-        _delivered_once(job, environment)
+        _delivered_once(job, environment, orthanc, study)
     finally:
         worker.stop()
         node.stop()
@@ -381,7 +400,7 @@ def test_a_one_minute_pacs_outage_delays_delivery_and_loses_nothing(redis_enviro
         job = wait_for_final_job(database, study.uid(), timeout_s=60)
         assert job.state == JobState.SUCCEEDED, job.error_reason
         _check_reports(orthanc, study, job, tmp_path)
-        _delivered_once(job, environment)
+        _delivered_once(job, environment, orthanc, study)
         exports = [event for event in _events(environment, job.id) if event[0] == "110106"]
         assert exports[0][2] != 0 and exports[-1][2] == 0, "failed exports audited, then the successful one"
     finally:
