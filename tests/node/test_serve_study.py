@@ -93,7 +93,8 @@ def _check_resend_counts_duplicates(node: NodeProcess, study: dict[str, SentSeri
             with database.session() as session:
                 newest = select(Association).order_by(Association.id.desc()).limit(1)
                 row = session.execute(newest).scalar_one()
-            return row if row.outcome == "released" and row.id == 4 else None
+            # The re-send is the last of the associations so far: one per series sent, then this one.
+            return row if row.outcome == "released" and row.id == len(study) + 1 else None
 
         association = wait_for(last_association)
         assert (association.instances_stored, association.instances_duplicate) == (0, 12)

@@ -238,21 +238,26 @@ def test_uids_are_the_same_in_another_process() -> None:
         assert uid.startswith("2.25.") and len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
 
 
-def test_only_time_fields_differ_between_two_report_times() -> None:
+@pytest.mark.parametrize("kind", ["narrative", "measurement"])
+def test_only_time_fields_differ_between_two_report_times(kind: str) -> None:
     sources = mr_series(2, with_pixels=False)
     a, b = (
-        build_reports(
-            sources,
-            render(LEFT_FRONTAL),
-            LEFT_FRONTAL,
-            ALGORITHM,
-            input_hash=INPUT_HASH,
-            content_datetime=t,
-            synthetic_demo=False,
-        ).narrative
+        getattr(
+            build_reports(
+                sources,
+                render(LEFT_FRONTAL),
+                LEFT_FRONTAL,
+                ALGORITHM,
+                input_hash=INPUT_HASH,
+                content_datetime=t,
+                synthetic_demo=False,
+            ),
+            kind,
+        )
         for t in (WHEN, datetime(2025, 1, 1, 0, 0, 0))
     )
     differing = {element.keyword for element in a if element.value != b.get(element.tag).value}
+    assert {"ContentDate", "ContentTime"} <= differing, "the report time is the content time"
     assert differing <= {
         "ContentDate",
         "ContentTime",

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import itertools
 import json
+import re
 import shutil
+import socket
 from datetime import timedelta
 
 import pydicom
 import pytest
 from kombu import Connection
-from pacs import free_port
+from pacs import StoreSCP, free_port
 from serve_harness import wait_for
 from sqlalchemy import select, update
 
@@ -258,18 +261,50 @@ def _instance_row(series_id: int, path) -> Instance:
     )
 
 
-def test_the_demo_models_srs_of_every_kind_stay_on_loopback_unless_allowed(runtime):
-    """The guard sits where SRs leave the node, so a not-analysed note is held back as a report is."""
-    remote = DestinationSettings(host="192.0.2.10", port=104, ae_title="PACS")  # TEST-NET-1
-    guarded = Runtime(runtime.settings.model_copy(update={"destinations": [remote]}))
-    assert guarded.model_identity.synthetic_demo, "the committed checkpoint is the demo model"
-    job = JobBook(guarded).get(_job(guarded))
-    with pytest.raises(DemoModelGuardError, match=r"PACS@192\.0\.2\.10:104 \(not loopback\)"):
-        deliver(guarded, job)
-    allowed = guarded.settings.delivery.model_copy(update={"allow_demo_model": True})
-    unguarded = Runtime(guarded.settings.model_copy(update={"delivery": allowed}))
-    # Allowed, it goes on to the destination, where this job has nothing left to send.
-    assert deliver(unguarded, job).complete
+def _non_loopback_address() -> str | None:
+    """This machine's address on its default route, where it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.10", 9))  # TEST-NET-1: no packet is sent, a route is chosen
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_the_demo_models_srs_of_every_kind_stay_on_loopback_unless_allowed(runtime, tmp_path):
+    """The guard sits where SRs leave the node, so a not-analysed note is held back as a report is;
+    allowed, it reaches a PACS on this machine's own non-loopback address."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address")
+    with StoreSCP(tmp_path / "pacs", ae_title="PACS") as pacs:
+        remote = DestinationSettings(host=address, port=pacs.port, ae_title="PACS")
+        guarded = Runtime(runtime.settings.model_copy(update={"destinations": [remote]}))
+        assert guarded.model_identity.synthetic_demo, "the committed checkpoint is the demo model"
+        job_id = _job(guarded)
+        uid = _sr_file(tmp_path / "note.dcm")
+        with guarded.database.session() as session:
+            session.add(
+                StructuredReport(
+                    job_id=job_id,
+                    kind=NOT_ANALYSED_KIND,  # the job's outcome: not analysed
+                    series_instance_uid="1.2.9",
+                    sop_instance_uid=uid,
+                    path=str(tmp_path / "note.dcm"),
+                    sha256="0" * 64,
+                )
+            )
+        job = JobBook(guarded).get(job_id)
+        with pytest.raises(
+            DemoModelGuardError, match=rf"PACS@{re.escape(address)}:{pacs.port} \(not loopback\)"
+        ):
+            deliver(guarded, job)
+        assert pacs.received() == [], "nothing left the node"
+        allowed = guarded.settings.delivery.model_copy(update={"allow_demo_model": True})
+        unguarded = Runtime(guarded.settings.model_copy(update={"delivery": allowed}))
+        assert deliver(unguarded, job).complete
+        assert [pydicom.dcmread(path).SOPInstanceUID for path in pacs.received()] == [uid]
 
 
 def test_stale_jobs_resume_at_their_next_step(runtime):
