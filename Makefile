@@ -1,6 +1,9 @@
 # One command for each thing a newcomer wants: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
+# Where pip finds torch; e.g. https://download.pytorch.org/whl/cpu for the CPU build (PyPI's Linux
+# wheel carries CUDA). Empty: pip's own configuration.
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint clean
@@ -8,8 +11,8 @@ BIN := $(VENV)/bin
 $(BIN)/brain3d: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: a CPU machine then takes the local CPU wheel, not a CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first and pinned, so that peft does not pull another build.
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 

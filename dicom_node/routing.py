@@ -169,7 +169,7 @@ def _physics(ds: Dataset) -> _Physics:
 
 def headers_match(match: Mapping[str, str], value_of: Callable[[str], str]) -> bool:
     """A site rule's test: every ``match`` entry (keyword -> case-insensitive glob) holds for
-    ``value_of(keyword)``; a missing attribute is ``""`` and matches only the pattern ``""``."""
+    ``value_of(keyword)``; a missing attribute is ``""``, which ``""`` and ``*`` match."""
     return all(
         fnmatch.fnmatchcase(value_of(keyword).upper(), pattern.upper()) for keyword, pattern in match.items()
     )
