@@ -137,9 +137,7 @@ def train(
     micro_batch: Annotated[int | None, typer.Option(help="override every stage's micro-batch")] = None,
     accumulation: Annotated[int | None, typer.Option(help="override gradient accumulation")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch; processes synthesising data")] = 2,
-    device: Annotated[
-        str, typer.Option(help="cpu, cuda, cuda:N, or auto (a GPU where there is one)")
-    ] = "cpu",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Train Brain3D stage by stage (seeded, resumable; see inference/training.py)."""
     import dataclasses
@@ -241,9 +239,7 @@ def evaluate(
     ablation: Annotated[bool, typer.Option(help="also train and evaluate the stage combinations")] = False,
     minutes_scale: Annotated[float, typer.Option(help="time budget scale of the ablation runs")] = 0.5,
     threads: Annotated[int, typer.Option()] = 2,
-    device: Annotated[
-        str, typer.Option(help="cpu, cuda, cuda:N, or auto (a GPU where there is one)")
-    ] = "cpu",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Score a checkpoint: the paper's keyword F1 (bootstrap CI), per-finding metrics, BLEU/ROUGE."""
     import torch
