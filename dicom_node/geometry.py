@@ -6,7 +6,7 @@ localizers, missing geometry, mixed orientations or image sizes, duplicate
 slices, too few slices, gaps (missing slices), uneven spacing, stacks whose
 slices are not stacked along their normal (gantry tilt, shear), and sparse stacks:
 slices farther apart than the headers' SpacingBetweenSlices says (every other slice
-missing, which leaves the spacing regular) or at least twice their thickness apart
+missing, which leaves the spacing regular) or about twice their thickness apart or more
 (half the brain between slices never imaged). Multi-frame
 Enhanced MR is read through its functional groups (Plane Position / Plane
 Orientation / Pixel Measures, per frame or shared).
@@ -241,10 +241,10 @@ def _sparse_stack(frames: Sequence[Frame], spacing: float, tolerance: float) -> 
                 f"missing_slices: slices {spacing:.2f} mm apart where SpacingBetweenSlices states "
                 f"{declared:.2f} mm (about {multiple - 1} of every {multiple} slices missing)"
             )
-    if thickness is not None and spacing >= 2 * thickness * (1 - tolerance):
+    if thickness is not None and spacing >= 2 * thickness * (1 - tolerance):  # within the tolerance
         return (
-            f"sparse_slices: slices {spacing:.2f} mm apart but {thickness:.2f} mm thick, so half or "
-            "more of the brain between them is not imaged"
+            f"sparse_slices: slices {spacing:.2f} mm apart but {thickness:.2f} mm thick, so about half "
+            "of the brain or more between them is not imaged"
         )
     return None
 

@@ -59,11 +59,7 @@ class Retention:
         open_jobs = (  # of any generation: an earlier one's job may still read the spool
             select(Job.id).where(Job.series_id == Series.id, Job.state.not_in(FINAL_JOB_STATES)).exists()
         )
-        last_job_end = (
-            select(func.max(Job.finished_at))
-            .where(Job.series_id == Series.id, Job.series_generation == Series.generation)
-            .scalar_subquery()
-        )
+        last_job_end = select(func.max(Job.finished_at)).where(Job.series_id == Series.id).scalar_subquery()
         with self.database.session() as session:
             rows = session.execute(
                 select(
@@ -129,9 +125,16 @@ class Retention:
         return removed
 
     def _remove_work_folders(self, series_id: int) -> int:
-        """Remove the working folders of the series' jobs (all ended); how many there were."""
+        """Remove the working folders of the series' ended jobs (one retried meanwhile keeps its
+        folder: it runs again); how many there were."""
         with self.database.session() as session:
-            job_ids = session.execute(select(Job.id).where(Job.series_id == series_id)).scalars().all()
+            job_ids = (
+                session.execute(
+                    select(Job.id).where(Job.series_id == series_id, Job.state.in_(FINAL_JOB_STATES))
+                )
+                .scalars()
+                .all()
+            )
         removed = 0
         for job_id in job_ids:
             folder = self.job_dir(job_id)

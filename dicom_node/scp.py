@@ -153,9 +153,9 @@ class SharedContexts(list):
 
     pynetdicom deep-copies them for each association it accepts, in case an application
     changes them while it runs: for all storage classes with every transfer syntax that is
-    about 40 ms of CPU per association (docs/benchmarks.md), paid by senders that open one
-    association per instance. This node never changes them after start, and negotiation only
-    reads them, so the copy is the list itself.
+    34 ms of CPU in isolation and 45-50 ms per association in the node (docs/benchmarks.md),
+    paid by senders that open one association per instance. This node never changes them
+    after start, and negotiation only reads them, so the copy is the list itself.
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SharedContexts:

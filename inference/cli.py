@@ -28,11 +28,10 @@ def _synth_command(series_writer: SeriesWriter | None) -> Callable[..., None]:
         """Synthesise brain FLAIR cases (MNI152 anatomy, gliomas, controls) and a manifest."""
         from inference.synthetic import write_dataset
 
+        if format not in ("nifti", "dicom"):
+            raise typer.BadParameter(f"{format!r}: nifti or dicom", param_hint="--format")
         start = time.perf_counter()
-        try:
-            manifest = write_dataset(out, cases, seed, format, lesional_fraction, series_writer)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--format") from None
+        manifest = write_dataset(out, cases, seed, format, lesional_fraction, series_writer)
         typer.echo(f"wrote {cases} cases and {manifest} in {time.perf_counter() - start:.1f} s")
 
     return synth
@@ -42,13 +41,19 @@ DEVICE_HELP = "cpu, cuda, cuda:N, or auto (a GPU where there is one)"
 
 
 def _device(requested: str) -> torch.device:
-    """``--device`` resolved (``auto``: a GPU where there is one), or a usage error naming it."""
+    """``--device`` resolved (``auto``: a GPU where there is one), or a usage error naming it:
+    malformed, or a GPU this machine does not have."""
+    import torch
+
     from inference.modeling_brain3d import resolve_device
 
     try:
-        return resolve_device(requested)
+        device = resolve_device(requested)
     except RuntimeError as error:
         raise typer.BadParameter(str(error), param_hint="--device") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise typer.BadParameter(f"{requested}: this machine has no such CUDA GPU", param_hint="--device")
+    return device
 
 
 def _step_budgets(text: str | None, stages: Sequence[str]) -> dict[str, int]:
@@ -158,8 +163,9 @@ def train(
         raise typer.BadParameter("give both --vision and --language-model, or neither")
     if vision is not None and init is not None:
         raise typer.BadParameter("start from --init or from --vision and --language-model, not both")
-    preset_config = Brain3DConfig.from_preset(preset)
-    on_pretrained = preset_config.pretrained_language_model
+    # What starts the run decides the rest: its grid, its stages, its schedule.
+    start_config = Brain3DConfig.from_pretrained(init) if init else Brain3DConfig.from_preset(preset)
+    on_pretrained = vision is not None or start_config.pretrained_language_model
     if on_pretrained and vision is None and init is None:
         raise typer.BadParameter(
             f"the {preset} preset starts from pretrained weights: give --vision and --language-model "
@@ -170,8 +176,7 @@ def train(
     if on_pretrained and stage == "all":
         stages = ["contrastive", "projector", "lora"]  # pretrained 2D and text weights: no pretraining
     step_budgets = _step_budgets(steps, stages)
-    # The volumes are prepared on the grid of the model that starts the run.
-    grid = (Brain3DConfig.from_pretrained(init) if init else preset_config).input_grid
+    grid = start_config.input_grid
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "data.pt"
     source = (
@@ -207,7 +212,7 @@ def train(
         f"ready in {time.perf_counter() - start:.0f} s"
     )
     schedule = {}
-    for name, settings in training.schedule_for(preset).items():
+    for name, settings in training.schedule_for(on_pretrained).items():
         changes: dict = {"minutes": settings.minutes * minutes_scale, "max_steps": step_budgets.get(name)}
         if micro_batch:
             changes["micro_batch"] = micro_batch
@@ -247,10 +252,13 @@ def evaluate(
     from inference import evaluation
 
     torch.set_num_threads(threads)
-    metrics = evaluation.evaluate_checkpoint(checkpoint, manifest, out, split, _device(device))
+    target = _device(device)
+    metrics = evaluation.evaluate_checkpoint(checkpoint, manifest, out, split, target)
     typer.echo(evaluation.format_table(metrics, f"{checkpoint} on {manifest} ({split})"))
     if ablation:
-        results = evaluation.run_ablation(manifest, out / "ablation", minutes_scale=minutes_scale)
+        results = evaluation.run_ablation(
+            manifest, out / "ablation", minutes_scale=minutes_scale, device=target
+        )
         typer.echo(evaluation.ablation_table(results))
 
 

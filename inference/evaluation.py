@@ -169,7 +169,12 @@ ABLATION: dict[str, AblationRun] = {
 
 
 def run_ablation(
-    manifest: Path, out_dir: Path, preset: str = "demo", minutes_scale: float = 0.5, seed: int = 0
+    manifest: Path,
+    out_dir: Path,
+    preset: str = "demo",
+    minutes_scale: float = 0.5,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train each row of :data:`ABLATION` from one shared text/2D-pretrained start and evaluate each
     on the manifest's test split; returns {row name: metrics}."""
@@ -181,7 +186,7 @@ def run_ablation(
     }
     base = out_dir / "base"
     training.train_pipeline(
-        preset, ["pretrain-text", "pretrain-2d"], data, base, seed=seed, schedule=schedule
+        preset, ["pretrain-text", "pretrain-2d"], data, base, seed=seed, schedule=schedule, device=device
     )
     results = {}
     for name, row in ABLATION.items():
@@ -200,8 +205,9 @@ def run_ablation(
             init=start,
             schedule=schedule,
             pretrained_2d_run=base,
+            device=device,
         )
-        results[name] = evaluate_checkpoint(run / "final", manifest, run / "eval")
+        results[name] = evaluate_checkpoint(run / "final", manifest, run / "eval", device=device)
     (out_dir / "ablation.json").write_text(json.dumps(results, indent=1, default=float))
     return results
 

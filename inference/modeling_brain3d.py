@@ -508,9 +508,10 @@ def resolve_device(requested: str | torch.device) -> torch.device:
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
-    """The dtype to read reports in: bfloat16 on a GPU that has it (half the memory, and the
-    dtype MedGemma ships in), float32 elsewhere (CPUs gain nothing from bf16 here, docs/results.md)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """The dtype to read reports in: bfloat16 on a GPU that computes in it natively (Ampere and
+    later: half the memory, and the dtype MedGemma ships in), float32 elsewhere (older GPUs only
+    emulate bf16; CPUs gain nothing from it here, docs/results.md)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
     return torch.float32
 

@@ -223,19 +223,21 @@ _NOT_ASSERTING = [
     (re.compile(r"\b(?:left|right)\s+hemisphere\s+(?:is|appears)\s+(?:unremarkable|normal)\b"), ""),
     (re.compile(r"\b([a-z]+)\s*:\s*(?:absent|none)\b"), r"no \1"),  # "Necrosis: absent."
 ]
-# Where a negation's scope ends inside a clause: a phrase placing the negated finding at a
-# lesion ("no edema around the left temporal lesion"), which asserts that lesion and its place.
+# A phrase placing a negated finding at the lesion ("no edema around the left temporal lesion"):
+# it names a lesion the report takes as given, so its words are asserted, not negated. A definite
+# article, then at most four words, none of them a joining or negating word, then the lesion.
+_PLACE = r"(?:around|surrounding|adjacent\s+to|near|in|within|at|of|from|involving)"
+_NOT_IN_PLACE = rf"(?:{_PLACE}|or|and|to|no|not|nor|without|but|the|this|that|a|an)\b"
 _AT_THE_LESION = re.compile(
-    rf"\b(?:around|surrounding|adjacent\s+to|near|in|within|at|of|from|involving)\s+"
-    rf"(?:the|this|that|a|an)\b(?=(?:(?!\b(?:no|not|without)\b).)*?\b(?:{_LESION})\b)"
+    rf"\b{_PLACE}\s+(?:the|this|that)\s+(?:(?!{_NOT_IN_PLACE})[a-z-]+\s+){{0,4}}(?:{_LESION})\b"
 )
 _CLAUSE_SPLIT = re.compile(r"[.;:,!?()\n]|\b(?:but|however|while|whereas|with|and\s+there\s+is)\b")
 
 
 def _asserted_terms(text: str) -> set[str]:
     """Term names asserted positively: negation cues cancel terms after them in a clause,
-    and 'is not seen'-style cues cancel the terms before them, up to a phrase that places
-    the negated finding at a lesion."""
+    and 'is not seen'-style cues cancel the terms before them, but for a phrase that places
+    a finding already negated at the lesion."""
     text = _COMPOUND.sub(r"\1 \2", text.lower())
     for pattern, replacement in _NOT_ASSERTING:
         text = pattern.sub(replacement, text)
@@ -244,26 +246,20 @@ def _asserted_terms(text: str) -> set[str]:
         if not clause or not clause.strip():
             continue
         terms = list(_TERM_RE.finditer(clause))
-        negated: list[tuple[int, int]] = []
-        pre = _PRE_NEGATION.search(clause)
-        if pre:
-            negated.append((pre.start(), _scope_end(clause, terms, pre.end(), len(clause))))
+        scopes = [(cue.start(), len(clause)) for cue in _PRE_NEGATION.finditer(clause)]
         post = _POST_NEGATION.search(clause)
         if post:
-            negated.append((0, _scope_end(clause, terms, 0, post.start())))
+            scopes.append((0, post.start()))
+        places = [
+            phrase.span()
+            for phrase in _AT_THE_LESION.finditer(clause)
+            if any(start <= term.start() < phrase.start() < end for start, end in scopes for term in terms)
+        ]
         for match in terms:
-            if not any(start <= match.start() < end for start, end in negated):
+            negated = any(start <= match.start() < end for start, end in scopes)
+            if not negated or any(start <= match.start() < end for start, end in places):
                 asserted.add(match.lastgroup or "")
     return asserted
-
-
-def _scope_end(clause: str, terms: list[re.Match[str]], start: int, end: int) -> int:
-    """Where a negation covering ``clause[start:end]`` stops: at a phrase placing the negated
-    finding at a lesion, once a term has been negated before it; else at ``end``."""
-    for phrase in _AT_THE_LESION.finditer(clause, start, end):
-        if any(start <= term.start() < phrase.start() for term in terms):
-            return phrase.start()
-    return end
 
 
 def parse(text: str) -> Findings:

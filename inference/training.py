@@ -102,11 +102,9 @@ PRETRAINED_SCHEDULE: dict[str, StageSettings] = {
 }
 
 
-def schedule_for(preset: str) -> dict[str, StageSettings]:
-    """The stage budgets of ``preset``: the demo's for the small presets, the paper's for pretrained ones."""
-    from inference.configuration_brain3d import Brain3DConfig
-
-    pretrained = Brain3DConfig.from_preset(preset).pretrained_language_model
+def schedule_for(pretrained: bool) -> dict[str, StageSettings]:
+    """The stage budgets of a model on pretrained weights (the paper's), or of a small one trained
+    here from scratch (the demo's)."""
     return PRETRAINED_SCHEDULE if pretrained else DEMO_SCHEDULE
 
 
@@ -1074,7 +1072,6 @@ def train_pipeline(
     from inference.configuration_brain3d import Brain3DConfig
     from inference.modeling_brain3d import Brain3D
 
-    schedule = schedule or schedule_for(preset)
     validation_cases = len(data.indices("val"))
     if validation_cases < 2:
         raise ValueError(
@@ -1096,6 +1093,7 @@ def train_pipeline(
     else:
         model = build_model(preset, data, seed)
     model = model.to(device)
+    schedule = schedule or schedule_for(model.config.pretrained_language_model)
     text_tower = load_text_tower(pretrained_2d_run or out_dir, model)
     results = []
     for stage in stages:

@@ -15,7 +15,7 @@ from dicom_node.config import CONFIG_ENV
 from dicom_node.db import Job, JobState
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import utcnow
-from dicom_node.sr.validate import VALIDATORS, available_validators
+from dicom_node.sr.validate import VALIDATOR_PACKAGES, VALIDATORS, available_validators
 from worker.app import CPU_QUEUE, GPU_QUEUE, create_app, send_run_job
 from worker.jobs import JobBook
 from worker.reconciler import Reconciler, reconcile_once
@@ -48,11 +48,12 @@ def worker(
     if reconciler is not None:
         reconciler.start()
     validators = available_validators()
-    missing = sorted(set(VALIDATORS) - set(validators))
-    if missing:
+    missing = [name for name in VALIDATORS if name not in validators]
+    if missing and CPU_QUEUE in queues.split(","):  # SRs are built on the cpu queue
+        packages = " and ".join(VALIDATOR_PACKAGES[name] for name in missing)
         typer.echo(
             f"warning: {', '.join(missing)} not installed: SRs are sent checked by "
-            f"{', '.join(validators) or 'no validator'} only (install dcmtk and dicom3tools)",
+            f"{', '.join(validators) or 'no validator'} only (install {packages})",
             err=True,
         )
     ae_title, detail = settings.node.ae_title, {"queues": queues, "sr_validators": list(validators)}

@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 
 VALIDATORS = ("dciodvfy", "dsrdump")
+#: The Debian package each validator comes in.
+VALIDATOR_PACKAGES = {"dciodvfy": "dicom3tools", "dsrdump": "dcmtk"}
 _TIMEOUT_S = 60
 # "PN [1] = <DOE^JOHN> - Length invalid ...": the value runs to the ">" that ends the line or
 # precedes " - ", so a value holding "<" or ">" itself is withheld whole.

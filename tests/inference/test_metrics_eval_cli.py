@@ -43,6 +43,7 @@ def test_eval_writes_metrics_confusion_matrix_and_samples(tmp_path: Path) -> Non
     assert (tmp_path / "eval" / "samples.md").read_text().count("\n") == 4 + 2
 
 
+@pytest.mark.parametrize("device", ["gpu0", f"cuda:{torch.cuda.device_count()}"])
 @pytest.mark.parametrize(
     "command",
     [
@@ -51,8 +52,9 @@ def test_eval_writes_metrics_confusion_matrix_and_samples(tmp_path: Path) -> Non
     ],
 )
 def test_eval_and_train_refuse_an_unknown_device_before_reading_anything(
-    command: list[str], tmp_path: Path
+    command: list[str], device: str, tmp_path: Path
 ) -> None:
-    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "out"), "--device", "gpu0"])
+    """A malformed device, or a GPU this machine does not have."""
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "out"), "--device", device])
     assert result.exit_code == 2
     assert "--device" in result.output and not (tmp_path / "out").exists()

@@ -109,9 +109,17 @@ def test_default_render_is_deterministic() -> None:
             "Edema around the right parietal mass is not seen.",
             Findings(True, Side.RIGHT, frozenset({Lobe.PARIETAL})),
         ),
+        (
+            "No edema around the left temporal lesion and no necrosis.",
+            Findings(True, Side.LEFT, frozenset({Lobe.TEMPORAL})),
+        ),
+        ("Edema around the lesion and necrosis are not seen.", Findings(True)),
         # ... but not where nothing was negated before the place, or the place names no lesion:
         ("No evidence of a lesion in the left frontal lobe.", NORMAL),
         ("No edema in the left frontal lobe.", NORMAL),
+        ("No edema in the brain or abnormal enhancement.", NORMAL),
+        ("No abnormal hyperintensity in the left frontal lobe to suggest a mass.", NORMAL),
+        ("No midline shift of the brain from a mass.", NORMAL),
     ],
 )
 def test_parse_handles_plurals_negation_synonyms_and_order(text: str, expected: Findings) -> None:

@@ -116,15 +116,18 @@ def test_retention_removes_only_series_whose_jobs_ended(database_url: str, tmp_p
     running = _series(database, spool, "1.3", "1.3.1", eligible=True)
     recent = _series(database, spool, "1.4", "1.4.1", eligible=True)
     resent = _series(database, spool, "1.6", "1.6.1", eligible=True)  # re-opened: generation 1
+    resent_late = _series(database, spool, "1.7", "1.7.1", eligible=True)  # its first job ended last
     now = datetime.now(UTC)
     with database.session() as session:
-        session.execute(update(Series).where(Series.id == resent).values(generation=1))
+        session.execute(update(Series).where(Series.id.in_([resent, resent_late])).values(generation=1))
         for series_id, generation, state, finished_at in (
             (finished, 0, JobState.SUCCEEDED, now - timedelta(hours=3)),
             (running, 0, JobState.RUNNING, None),
             (recent, 0, JobState.FAILED, now - timedelta(minutes=30)),
             (resent, 0, JobState.RUNNING, None),  # the first generation's job still reads the spool
             (resent, 1, JobState.SUCCEEDED, now - timedelta(hours=3)),
+            (resent_late, 0, JobState.FAILED, now - timedelta(minutes=30)),
+            (resent_late, 1, JobState.SUCCEEDED, now - timedelta(hours=3)),
         ):
             session.execute(
                 insert(Job).values(
@@ -148,7 +151,7 @@ def test_retention_removes_only_series_whose_jobs_ended(database_url: str, tmp_p
     assert storage.job_dir(job_ids[running]).exists() and storage.job_dir(job_ids[recent]).exists()
     assert not spool.series_dir("1.1", "1.1.1").exists() and not spool.series_dir("1.2", "1.2.1").exists()
     assert spool.series_dir("1.3", "1.3.1").exists() and spool.series_dir("1.4", "1.4.1").exists()
-    assert spool.series_dir("1.6", "1.6.1").exists()
+    assert spool.series_dir("1.6", "1.6.1").exists() and spool.series_dir("1.7", "1.7.1").exists()
     with database.session() as session:
         removed_at = dict(session.execute(select(Series.id, Series.spool_removed_at)).all())
     assert removed_at[ineligible] and removed_at[finished]

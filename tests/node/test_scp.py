@@ -271,10 +271,6 @@ def test_ten_concurrent_associations_of_200_instances_lose_nothing(tmp_path: Pat
 def test_one_association_per_instance_shares_the_scps_contexts_and_loses_nothing(tmp_path: Path) -> None:
     """Senders that open an association per instance: every association negotiates from the one
     shared list (pynetdicom would deep-copy it each time), which negotiation leaves unchanged."""
-    from dicom_node.scp import SharedContexts
-
-    shared = SharedContexts([object()])
-    assert copy.deepcopy(shared) is shared
     datasets = mr_series(20, with_pixels=True)
     with NodeProcess(tmp_path / "node", stable_seconds=30) as node:
         statuses = [status for ds in datasets for status in _send(node.port, [ds])]
@@ -289,3 +285,44 @@ def test_one_association_per_instance_shares_the_scps_contexts_and_loses_nothing
         stored = set(session.execute(select(Instance.sop_instance_uid)).scalars())
     database.dispose()
     assert stored == {str(ds.SOPInstanceUID) for ds in datasets}
+
+
+def test_the_scp_hands_every_association_its_one_context_list(sqlite_url: str, tmp_path: Path) -> None:
+    """The list pynetdicom would deep-copy per association (tens of ms of CPU each) is shared,
+    and negotiating associations leaves it as it was."""
+    from dicom_node.audit import AuditTrail
+    from dicom_node.config import NodeSettings, StorageSettings
+    from dicom_node.db.migrate import upgrade
+    from dicom_node.db.session import Database
+    from dicom_node.ingest import Ingest
+    from dicom_node.scp import SharedContexts, StorageSCP, listen
+    from dicom_node.spool import Spool
+
+    upgrade(sqlite_url)
+    database = Database(sqlite_url)
+    ingest = Ingest(database)
+    ingest.start()
+    storage = StorageSettings(spool_dir=tmp_path / "spool")
+    scp = StorageSCP(
+        NodeSettings(host="127.0.0.1"),
+        storage,
+        Spool(storage.spool_dir),
+        ingest,
+        AuditTrail(database, b"k" * 32),
+    )
+    scp.start(listen("127.0.0.1", 0))
+    try:
+        contexts = scp._server.contexts
+        assert isinstance(contexts, SharedContexts) and copy.deepcopy(contexts) is contexts
+        before = [(c.abstract_syntax, list(c.transfer_syntax)) for c in contexts]
+        for _ in range(2):
+            echo = AE(ae_title="SCU")
+            echo.add_requested_context("1.2.840.10008.1.1")
+            association = echo.associate("127.0.0.1", scp.port, ae_title="BRAIN3D")
+            assert association.is_established and int(association.send_c_echo().Status) == 0
+            association.release()
+        assert [(c.abstract_syntax, list(c.transfer_syntax)) for c in scp._server.contexts] == before
+    finally:
+        scp.stop()
+        ingest.stop()
+        database.dispose()
