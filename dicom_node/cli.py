@@ -111,15 +111,22 @@ def config_show(config: ConfigOption = None) -> None:
     typer.echo(json.dumps(data, indent=2))
 
 
+#: Query parameters of a URL that hold a secret (``?password=``), by a word in their name.
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key")
+
+
 def _without_password(url: str) -> str:
-    """``url`` (a database or broker URL) with its password, if any, shown as ``***``."""
+    """``url`` (a database or broker URL) with its password, if any, shown as ``***``: in its
+    user part or as a query parameter (``?password=...``)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except (ArgumentError, ValueError):  # not a URL: it may still hold a password
         return "***"
+    secrets = {key: "***" for key in parsed.query if any(word in key.lower() for word in _SECRET_WORDS)}
+    return parsed.update_query_dict(secrets).render_as_string(hide_password=True)
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]

@@ -21,7 +21,6 @@ import io
 import logging
 import queue
 import threading
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -176,10 +175,10 @@ def read_headers(dataset_bytes: bytes, transfer_syntax: UID) -> InstanceHeaders:
     pixels are never reached): this runs once per received instance, on the C-STORE path.
     """
     if transfer_syntax.is_deflated:
-        try:
-            dataset_bytes = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise MalformedDatasetError(f"deflated dataset does not inflate: {exc}") from None
+        # A deflated dataset of a megabyte can inflate to gigabytes, in the node's memory.
+        raise MalformedDatasetError(
+            "deflated datasets are not accepted: send it uncompressed, or with compressed pixel data"
+        )
     little_endian = transfer_syntax.is_little_endian
     values: dict[str, str | int | None] = {}
     encodings = ["iso8859"]
@@ -203,7 +202,9 @@ def read_headers(dataset_bytes: bytes, transfer_syntax: UID) -> InstanceHeaders:
             if kind == "uid":
                 values[name] = raw.decode("latin-1").rstrip("\0 ").strip() or None
             elif kind == "text":
-                values[name] = decode_bytes(raw, encodings, _TEXT_DELIMITERS).strip() or None
+                # NUL is no DICOM text character, and PostgreSQL refuses it in every text column.
+                text = decode_bytes(raw, encodings, _TEXT_DELIMITERS).replace("\0", "")
+                values[name] = text.strip() or None
             else:
                 vr = element.VR if element.VR not in (None, "UN") else dictionary_VR(tag)
                 values[name] = _decode_integer(raw, vr, little_endian)

@@ -134,7 +134,10 @@ class SharedSocketAssociationServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()
-        client.setblocking(True)  # pynetdicom's association socket expects a blocking one
+        # Blocking, as pynetdicom's association socket expects, but not forever: a peer that sends
+        # part of a PDU and stops would otherwise hold its association slot for good, and a few
+        # such connections would lock every modality out. pynetdicom closes on the timeout.
+        client.settimeout(self.ae.network_timeout)
         return client, address
 
     def server_close(self) -> None:

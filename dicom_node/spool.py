@@ -57,6 +57,12 @@ def check_uid(uid: str) -> str:
     return uid
 
 
+def filed_under(path: Path) -> tuple[str, str]:
+    """(study UID, series UID) an instance file was filed under, ``<study>/<series>/<file>``: the
+    UIDs the node's own header scan read when it received the instance."""
+    return path.parent.parent.name, path.parent.name
+
+
 def _explicit_element(group_element: int, vr: bytes, value: bytes) -> bytes:
     """One explicit VR little endian element with a 2-byte length (UI, SH, UL)."""
     return (

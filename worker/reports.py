@@ -20,7 +20,7 @@ from pydicom import Dataset
 from sqlalchemy import select
 
 from dicom_node.db import Job, StructuredReport
-from dicom_node.spool import fsync_dir, write_durably
+from dicom_node.spool import UnsafeUIDError, check_uid, filed_under, fsync_dir, write_durably
 from dicom_node.sr import (
     AlgorithmIdentity,
     ReportUIDs,
@@ -67,12 +67,15 @@ def _predecessors(runtime: Runtime, job: Job) -> list[Dataset]:
 
 def _persist(runtime: Runtime, job: Job, kind: str, dataset: Dataset) -> StructuredReport:
     """Validate an SR and write its bytes durably; an invalid SR never reaches the reports folder."""
-    path = (
-        Path(runtime.settings.storage.reports_dir)
-        / dataset.StudyInstanceUID
-        / dataset.SeriesInstanceUID
-        / f"{dataset.SOPInstanceUID}.dcm"
-    )
+    try:
+        path = (
+            Path(runtime.settings.storage.reports_dir)
+            / check_uid(dataset.StudyInstanceUID)
+            / check_uid(dataset.SeriesInstanceUID)
+            / f"{check_uid(dataset.SOPInstanceUID)}.dcm"
+        )
+    except UnsafeUIDError as error:
+        raise InvalidReportError(f"{kind} SR: {error}") from None
     payload = sr_bytes(dataset)
     temporary = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,14 +132,26 @@ def _algorithm(identity: ModelIdentity) -> AlgorithmIdentity:
 
 
 def _sources(sources: SourceInstances) -> list[Dataset]:
-    return [pydicom.dcmread(path, stop_before_pixels=True) for path in sources.paths]
+    """The sources' headers, each naming the UIDs the node received it under. pydicom reads the
+    whole header, the node's scan only its start: a repeated or out-of-order element could name
+    another study, and the SR would be filed with another patient's images."""
+    datasets = []
+    for path, sop_uid in zip(sources.paths, sources.sop_instance_uids, strict=True):
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        uids = (str(dataset.get("StudyInstanceUID", "")), str(dataset.get("SeriesInstanceUID", "")))
+        if uids != filed_under(path) or str(dataset.get("SOPInstanceUID", "")) != sop_uid:
+            raise InvalidReportError(
+                f"instance {sop_uid}: its header names other UIDs than the node received it under "
+                "(an element repeated or out of order); no SR is built on it"
+            )
+        datasets.append(dataset)
+    return datasets
 
 
 def _report_uids(sources: SourceInstances, algorithm: AlgorithmIdentity) -> ReportUIDs:
-    """The UIDs a build from ``sources`` by ``algorithm`` gives its SRs (one header read: every
-    source is of one series)."""
-    series_uid = pydicom.dcmread(sources.paths[0], stop_before_pixels=True).SeriesInstanceUID
-    return report_uids(series_uid, algorithm, sources.input_hash)
+    """The UIDs a build from ``sources`` by ``algorithm`` gives its SRs (every source is of the
+    one series it was filed under)."""
+    return report_uids(filed_under(sources.paths[0])[1], algorithm, sources.input_hash)
 
 
 def _record(runtime: Runtime, rows: list[StructuredReport]) -> list[StructuredReport]:

@@ -93,10 +93,11 @@ def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRAIN3D_DATABASE__AUDIT_KEY", "a secret that must never be printed")
     monkeypatch.setenv("BRAIN3D_DATABASE__URL", "postgresql+psycopg://brain3d:S3cretPw@db:5432/brain3d")
     monkeypatch.setenv("BRAIN3D_QUEUE__BROKER_URL", "redis://:R3disPw@redis:6379/0")
-    monkeypatch.setenv("BRAIN3D_QUEUE__RESULT_BACKEND", "db+postgresql://brain3d:S3cretPw@db/brain3d")
+    monkeypatch.setenv("BRAIN3D_QUEUE__RESULT_BACKEND", "redis://redis:6379/1?password=Qu3ryPw&db=1")
     result = CliRunner().invoke(app, ["config", "show"])
     assert result.exit_code == 0
-    assert not any(secret in result.output for secret in ("must never be printed", "S3cretPw", "R3disPw"))
+    secrets = ("must never be printed", "S3cretPw", "R3disPw", "Qu3ryPw")
+    assert not any(secret in result.output for secret in secrets)
     shown = json.loads(result.stdout)
     assert shown["database"]["audit_key"] == "***"
     assert shown["database"]["url"] == "postgresql+psycopg://brain3d:***@db:5432/brain3d"

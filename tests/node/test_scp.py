@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -21,6 +24,7 @@ from serve_harness import NodeProcess, dataset_bytes, storescu, wait_for
 from sqlalchemy import func, select
 
 from dicom_node.db.models import Association, AuditEvent, Instance
+from dicom_node.scp import StorageSCP, listen
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
@@ -287,42 +291,97 @@ def test_one_association_per_instance_shares_the_scps_contexts_and_loses_nothing
     assert stored == {str(ds.SOPInstanceUID) for ds in datasets}
 
 
-def test_the_scp_hands_every_association_its_one_context_list(sqlite_url: str, tmp_path: Path) -> None:
-    """The list pynetdicom would deep-copy per association (tens of ms of CPU each) is shared,
-    and negotiating associations leaves it as it was."""
+@contextlib.contextmanager
+def _scp_in_process(
+    database_url: str, tmp_path: Path, network_timeout_s: float | None = None, **node: object
+) -> Iterator[StorageSCP]:
+    """A StorageSCP in this process (as a receiver process runs it), on a free loopback port."""
     from dicom_node.audit import AuditTrail
     from dicom_node.config import NodeSettings, StorageSettings
     from dicom_node.db.migrate import upgrade
     from dicom_node.db.session import Database
     from dicom_node.ingest import Ingest
-    from dicom_node.scp import SharedContexts, StorageSCP, listen
     from dicom_node.spool import Spool
 
-    upgrade(sqlite_url)
-    database = Database(sqlite_url)
+    upgrade(database_url)
+    database = Database(database_url)
     ingest = Ingest(database)
     ingest.start()
     storage = StorageSettings(spool_dir=tmp_path / "spool")
     scp = StorageSCP(
-        NodeSettings(host="127.0.0.1"),
+        NodeSettings(host="127.0.0.1", **node),
         storage,
         Spool(storage.spool_dir),
         ingest,
         AuditTrail(database, b"k" * 32),
     )
+    if network_timeout_s is not None:
+        scp.ae.network_timeout = scp.ae.acse_timeout = network_timeout_s
     scp.start(listen("127.0.0.1", 0))
     try:
-        contexts = scp._server.contexts
-        assert isinstance(contexts, SharedContexts) and copy.deepcopy(contexts) is contexts
-        before = [(c.abstract_syntax, list(c.transfer_syntax)) for c in contexts]
-        for _ in range(2):
-            echo = AE(ae_title="SCU")
-            echo.add_requested_context("1.2.840.10008.1.1")
-            association = echo.associate("127.0.0.1", scp.port, ae_title="BRAIN3D")
-            assert association.is_established and int(association.send_c_echo().Status) == 0
-            association.release()
-        assert [(c.abstract_syntax, list(c.transfer_syntax)) for c in scp._server.contexts] == before
+        yield scp
     finally:
         scp.stop()
         ingest.stop()
         database.dispose()
+
+
+def _echo(port: int) -> bool:
+    echo = AE(ae_title="SCU")
+    echo.add_requested_context("1.2.840.10008.1.1")
+    association = echo.associate("127.0.0.1", port, ae_title="BRAIN3D")
+    if not association.is_established:
+        return False
+    ok = int(association.send_c_echo().Status) == 0
+    association.release()
+    return ok
+
+
+def test_the_scp_hands_every_association_its_one_context_list(sqlite_url: str, tmp_path: Path) -> None:
+    """The list pynetdicom would deep-copy per association (tens of ms of CPU each) is shared,
+    and negotiating associations leaves it as it was."""
+    from dicom_node.scp import SharedContexts
+
+    with _scp_in_process(sqlite_url, tmp_path) as scp:
+        contexts = scp._server.contexts
+        assert isinstance(contexts, SharedContexts) and copy.deepcopy(contexts) is contexts
+        before = [(c.abstract_syntax, list(c.transfer_syntax)) for c in contexts]
+        assert _echo(scp.port) and _echo(scp.port)
+        assert [(c.abstract_syntax, list(c.transfer_syntax)) for c in scp._server.contexts] == before
+
+
+def test_connections_that_stall_mid_pdu_do_not_lock_modalities_out(sqlite_url: str, tmp_path: Path) -> None:
+    """Three connections that send one byte and stop, against a limit of two associations: they
+    are closed after the network timeout, and a modality is served again."""
+    with _scp_in_process(sqlite_url, tmp_path, network_timeout_s=1, max_associations=2) as scp:
+        stalled = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(3)]
+        try:
+            for connection in stalled:
+                connection.sendall(b"\x01")
+            assert wait_for(lambda: _echo(scp.port), 20), "a modality is served again"
+        finally:
+            for connection in stalled:
+                connection.close()
+
+
+def test_a_deflated_dataset_is_refused_and_the_node_serves_on(sqlite_url: str, tmp_path: Path) -> None:
+    """A deflated dataset of a megabyte may inflate to gigabytes in the node's memory: it is
+    refused (0xC210) before anything inflates it, nothing is spooled, and the next one is stored."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    deflated, plain = mr_series(2, with_pixels=True)
+    with _scp_in_process(sqlite_url, tmp_path) as scp:
+        sender = AE(ae_title="SCU")
+        sender.add_requested_context(MRImageStorage, DeflatedExplicitVRLittleEndian)
+        sender.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        association = sender.associate("127.0.0.1", scp.port, ae_title="BRAIN3D")
+        assert association.is_established
+        try:
+            deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+            refused = association.send_c_store(deflated)
+            stored = association.send_c_store(plain)
+        finally:
+            association.release()
+    assert (int(refused.Status), int(stored.Status)) == (0xC210, 0x0000)
+    spooled = {path.stem for path in (tmp_path / "spool").glob("*/*/*.dcm")}
+    assert spooled == {str(plain.SOPInstanceUID)}

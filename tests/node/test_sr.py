@@ -484,3 +484,25 @@ def test_untrusted_model_text_with_control_characters_still_gives_a_valid_sr(tmp
     assert read_narrative(pydicom.dcmread(path)).findings[0] == (
         "Lesion in the left frontal lobe with edema (Ödem).\nNo necrosis."
     )
+
+
+def test_malformed_patient_values_are_never_quoted_in_warnings_or_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydicom quotes a malformed value it reads (a birth date, an age) in a warning, which the
+    worker logs: the node reads values as they are and never quotes them."""
+    import warnings
+
+    sources = []
+    for index, ds in enumerate(mr_series(2, with_pixels=False)):
+        ds.PatientBirthDate, ds.PatientAge = "1970-01-31", "45 years"
+        path = tmp_path / f"source{index}.dcm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # writing them is the test's doing, not the node's
+            ds.save_as(path, enforce_file_format=True)
+        sources.append(path)
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level("DEBUG"):
+        warnings.simplefilter("always")
+        _reports([pydicom.dcmread(path, stop_before_pixels=True) for path in sources])
+    said = [str(warning.message) for warning in seen] + [record.getMessage() for record in caplog.records]
+    assert not [text for text in said if "1970-01-31" in text or "45 years" in text]

@@ -208,7 +208,7 @@ def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runti
     """A failed job retried after the checkpoint changed: its earlier SRs are kept as history, new
     ones are built under new UIDs and cite them as predecessors, and only the new ones are sent."""
     case = synthesize_case("retried", lesional=False, seed=4)
-    paths = write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=4)
+    paths = _spooled(write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=4))
     job_id = _job(runtime, report_text=render(NORMAL), inference_finished_at=utcnow(), model_version="1.0")
     with runtime.database.session() as session:
         series_id = session.get(Job, job_id).series_id
@@ -246,6 +246,39 @@ def test_a_copy_of_the_demo_checkpoint_is_still_the_demo(tmp_path):
     identity = identify_model(ModelSettings(path=copied))
     assert identity == identify_model(committed), "same content, same identity"
     assert identity.synthetic_demo and identity.name == "Brain3D-demo"
+
+
+def _spooled(paths: list) -> list:
+    """The files moved into the spool's layout, ``<study>/<series>/<SOP>.dcm`` under their folder."""
+    moved = []
+    for path in paths:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        target = (
+            path.parent / header.StudyInstanceUID / header.SeriesInstanceUID / f"{header.SOPInstanceUID}.dcm"
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        moved.append(path.rename(target))
+    return moved
+
+
+def test_no_sr_is_built_on_an_instance_whose_header_names_another_study(runtime, tmp_path):
+    """The node files an instance by the UIDs its header scan reads on receipt; pydicom, reading
+    the whole header, could find a repeated element naming another study. The SR would then be
+    filed with another patient's images: it is refused."""
+    case = synthesize_case("misfiled", lesional=False, seed=5)
+    paths = _spooled(write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=5))
+    dataset = pydicom.dcmread(paths[3])
+    dataset.StudyInstanceUID = "1.2.826.0.1.3680043.99.1"  # what a full read finds
+    dataset.save_as(paths[3], enforce_file_format=True)
+    job_id = _job(runtime, report_text=render(NORMAL), inference_finished_at=utcnow(), model_version="1.0")
+    with runtime.database.session() as session:
+        series_id = session.get(Job, job_id).series_id
+        session.add_all(_instance_row(series_id, path) for path in paths)
+    job = JobBook(runtime).get(job_id)
+    identity = ModelIdentity(name="Brain3D", version="1.0", checkpoint_hash="a" * 64, synthetic_demo=False)
+    with pytest.raises(InvalidReportError, match="names other UIDs than the node received it under"):
+        build_and_store(runtime, job, source_instances(runtime, job), identity, content_time=utcnow())
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").rglob("*.dcm"))
 
 
 def _instance_row(series_id: int, path) -> Instance:
