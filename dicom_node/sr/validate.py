@@ -18,9 +18,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-VALIDATORS = ("dciodvfy", "dsrdump")
-#: The Debian package each validator comes in.
+#: The validators, each with the Debian package it comes in.
 VALIDATOR_PACKAGES = {"dciodvfy": "dicom3tools", "dsrdump": "dcmtk"}
+VALIDATORS = tuple(VALIDATOR_PACKAGES)
 _TIMEOUT_S = 60
 # "PN [1] = <DOE^JOHN> - Length invalid ...": the value runs to the ">" that ends the line or
 # precedes " - ", so a value holding "<" or ">" itself is withheld whole.
