@@ -3,9 +3,12 @@
 A series completes at once when its headers state how many instances it has
 (``InstanceHeaders.expected_instances``: ImagesInAcquisition, an Enhanced MR's frames
 in one instance, InConcatenationTotalNumber), or a site's ``completion.count_rules``
-state it for series whose headers do not, and that many distinct SOP Instance UIDs are
-present; otherwise after ``completion.stable_seconds`` without new content. Anchors
-use only timers (60 s in mercure and Orthanc) and split series of slow senders.
+state it for series whose headers do not, that many distinct SOP Instance UIDs are
+present, and every association that sent some of them has ended; otherwise after
+``completion.stable_seconds`` without new content. The wait for the senders is there
+because ImagesInAcquisition counts one acquisition: a series of two acquisitions
+reaches it halfway, and the rest follows in the same association. Anchors use only
+timers (60 s in mercure and Orthanc) and split series of slow senders.
 
 A series re-opened by new content after hand-off (generation > 0) completes on the
 timer only: its count was already reached, so it can no longer tell when the re-send
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pydicom
@@ -29,7 +32,7 @@ from dicom_node.config import CompletionSettings, RoutingSettings
 from dicom_node.db.models import Instance, Job, JobState, Series, SeriesState, as_utc
 from dicom_node.db.session import Database
 from dicom_node.handoff import HandOff
-from dicom_node.ingest import Batch, Ingest, InstanceRecorded
+from dicom_node.ingest import AssociationEnded, Batch, Ingest, IngestEvent, InstanceRecorded
 from dicom_node.routing import RoutingDecision, route_series
 
 log = logging.getLogger(__name__)
@@ -46,13 +49,16 @@ class OpenSeries:
     distinct_instances: int
     last_received_at: datetime
     generation: int
+    senders: set[int] = field(default_factory=set)  # associations that sent some and are still open
 
     @property
     def count_reached(self) -> bool:
+        """The stated count is present and no association that sent part of it is still open."""
         return (
             self.generation == 0
             and self.expected_instances is not None
             and self.distinct_instances >= self.expected_instances
+            and not self.senders
         )
 
 
@@ -98,10 +104,11 @@ class CompletenessTracker:
         self.audit = audit
         self._open: dict[str, OpenSeries] = {}
         self._ready: set[str] = set()
+        self._series_of_sender: dict[int, set[str]] = {}  # open association -> its open series
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="completeness", daemon=True)
-        ingest.add_listener(self.on_instance)
+        ingest.add_listener(self.on_event)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -130,8 +137,14 @@ class CompletenessTracker:
         log.info("rebuilt %d open series from SQL", len(rows))
         return len(rows)
 
-    def on_instance(self, event: InstanceRecorded) -> None:
-        """Called by the writer thread after an instance's row committed."""
+    def on_event(self, event: IngestEvent) -> None:
+        """Called by the writer thread after an instance's or an association's row committed."""
+        if isinstance(event, AssociationEnded):
+            self._on_sender_ended(event.association_id)
+        else:
+            self._on_instance(event)
+
+    def _on_instance(self, event: InstanceRecorded) -> None:
         series = event.series
         with self._condition:
             entry = self._open.get(series.series_uid)
@@ -143,9 +156,23 @@ class CompletenessTracker:
             entry.expected_instances = series.expected_instances
             entry.distinct_instances += event.new_uid
             entry.last_received_at = max(entry.last_received_at, event.received_at)
+            if event.association_id is not None:
+                entry.senders.add(event.association_id)
+                self._series_of_sender.setdefault(event.association_id, set()).add(series.series_uid)
             if entry.count_reached:
                 self._ready.add(series.series_uid)
                 self._condition.notify()
+
+    def _on_sender_ended(self, association_id: int) -> None:
+        with self._condition:
+            for series_uid in self._series_of_sender.pop(association_id, ()):
+                entry = self._open.get(series_uid)
+                if entry is None:
+                    continue
+                entry.senders.discard(association_id)
+                if entry.count_reached:
+                    self._ready.add(series_uid)
+                    self._condition.notify()
 
     # -- thread ---------------------------------------------------------------------------
 
@@ -171,6 +198,12 @@ class CompletenessTracker:
             else:
                 continue
             del self._open[uid]
+            for sender in entry.senders:  # a long-lived association completed by the timer
+                series_of_sender = self._series_of_sender.get(sender, set())
+                series_of_sender.discard(uid)
+                if not series_of_sender:
+                    self._series_of_sender.pop(sender, None)
+            entry.senders.clear()
         self._ready.clear()
         return due
 

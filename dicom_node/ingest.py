@@ -381,6 +381,17 @@ class InstanceRecorded:
     new_uid: bool  # a SOP Instance UID the series did not have before
     reopened: bool  # this instance re-opened a series that had been handed on
     received_at: datetime
+    association_id: int | None  # the association that sent it (None where its row is missing)
+
+
+@dataclass(frozen=True)
+class AssociationEnded:
+    """What listeners learn after an association's row was closed: that sender sends no more."""
+
+    association_id: int
+
+
+IngestEvent = InstanceRecorded | AssociationEnded
 
 
 class Ingest:
@@ -397,7 +408,7 @@ class Ingest:
         # Touched by the committing thread only.
         self._study_ids: dict[str, int] = {}
         self._series: dict[str, SeriesRecord] = {}
-        self._listeners: list[Callable[[InstanceRecorded], None]] = []
+        self._listeners: list[Callable[[IngestEvent], None]] = []
 
     def start(self) -> None:
         self.committer.start()
@@ -405,7 +416,7 @@ class Ingest:
     def stop(self) -> None:
         self.committer.stop()
 
-    def add_listener(self, listener: Callable[[InstanceRecorded], None]) -> None:
+    def add_listener(self, listener: Callable[[IngestEvent], None]) -> None:
         """Called after each commit by the committing thread, before the next transaction; be quick."""
         self._listeners.append(listener)
 
@@ -491,6 +502,7 @@ class Ingest:
                     instances_failed=failed,
                 )
             )
+            batch.after_commit(lambda: self._notify(AssociationEnded(association_id)))
 
         return self.committer.submit(operation)
 
@@ -664,10 +676,11 @@ class Ingest:
             new_uid=not conflicting,
             reopened=reopened,
             received_at=received_at,
+            association_id=association_id,
         )
         batch.after_commit(lambda: self._notify(event))
         return outcome
 
-    def _notify(self, event: InstanceRecorded) -> None:
+    def _notify(self, event: IngestEvent) -> None:
         for listener in self._listeners:
             listener(event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -331,5 +332,94 @@ def test_series_forgotten_by_the_bounded_cache_are_read_back_from_sql(
             ).all()
         assert rows == [(1, 2)], "one series row, re-opened, holding both instances"
     finally:
+        ingest.stop()
+        database.dispose()
+
+
+def test_a_series_completes_on_its_count_only_once_its_senders_are_done(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """ImagesInAcquisition counts one acquisition: a series of two reaches it halfway, and the
+    second acquisition follows in the same association. The series completes once, with both,
+    when that association ends; one sent an instance per association completes at its last."""
+    from serve_harness import wait_for
+
+    from dicom_node.completeness import CompletenessTracker
+    from dicom_node.config import CompletionSettings, RoutingSettings, load_settings
+    from dicom_node.handoff import HandOff
+    from worker.app import create_app
+
+    upgrade(sqlite_url)
+    database = Database(sqlite_url)
+    spool = Spool(tmp_path / "spool")
+    ingest = Ingest(database)
+    app = create_app(load_settings(queue={"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"}))
+    tracker = CompletenessTracker(
+        ingest,
+        CompletionSettings(stable_seconds=600, check_interval=0.05),  # only a count completes here
+        RoutingSettings(),
+        HandOff(database, app),
+        AuditTrail(database, b"k" * 32),
+    )
+    ingest.start()
+    tracker.start()
+
+    def receive(dataset, association_id: int) -> None:  # type: ignore[no-untyped-def]
+        headers = _headers(dataset)
+        meta = file_meta_bytes(dataset.SOPClassUID, dataset.SOPInstanceUID, ExplicitVRLittleEndian)
+        spooled = spool.store(
+            headers.study_uid,
+            headers.series_uid,
+            headers.sop_instance_uid,
+            meta,
+            encode(dataset, False, True),
+        )
+        ingest.record_instance(
+            headers, spooled, transfer_syntax_uid=ExplicitVRLittleEndian, association_id=association_id,
+            received_at=datetime.now(UTC),
+        ).result()  # fmt: skip
+
+    def association() -> int:
+        return ingest.open_association("MR1", "BRAIN3D", "127.0.0.1", 104).result()
+
+    def completed(series_uid: str) -> tuple[str | None, int, int]:
+        with database.session() as session:
+            series = session.execute(
+                select(Series).where(Series.series_instance_uid == series_uid)
+            ).scalar_one()
+            instances = session.scalar(select(func.count(Instance.id)).where(Instance.series_id == series.id))
+            jobs = session.scalar(select(func.count(Job.id)).where(Job.series_id == series.id))
+        return (series.completion_reason if series.state == SeriesState.COMPLETE else None), instances, jobs
+
+    try:
+        two_acquisitions = mr_series(24)
+        for index, dataset in enumerate(two_acquisitions):
+            dataset.AcquisitionNumber, dataset.ImagesInAcquisition = 1 + index // 12, 12
+        series_uid = two_acquisitions[0].SeriesInstanceUID
+        sender = association()
+        for dataset in two_acquisitions[:12]:
+            receive(dataset, sender)
+        time.sleep(0.5)  # ten completion checks
+        assert completed(series_uid)[0] is None, (
+            "the first acquisition's count reached, its sender still open"
+        )
+        for dataset in two_acquisitions[12:]:
+            receive(dataset, sender)
+        ingest.close_association(sender, "released", 24, 0, 0).result()
+        assert wait_for(lambda: completed(series_uid)[0], timeout_s=10) == "count"
+        assert completed(series_uid) == ("count", 24, 0), "completed once, with both acquisitions"
+
+        one_per_association = mr_series(6)
+        for dataset in one_per_association:
+            dataset.ImagesInAcquisition = 6
+        series_uid = one_per_association[0].SeriesInstanceUID
+        for dataset in one_per_association:
+            sender = association()
+            receive(dataset, sender)
+            ingest.close_association(sender, "released", 1, 0, 0).result()
+        assert wait_for(lambda: completed(series_uid)[0], timeout_s=10) == "count"
+        assert completed(series_uid) == ("count", 6, 0)
+    finally:
+        tracker.stop()
         ingest.stop()
         database.dispose()
