@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Enum,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -110,6 +111,9 @@ class Series(Base):
     """A series, its completeness and the routing decision taken on it."""
 
     __tablename__ = "series"
+    # The open series rebuilt at start, and retention's pass every minute over complete series
+    # whose spool is still there: without it both read every series the node ever received.
+    __table_args__ = (Index("ix_series_state_spool_removed_at", "state", "spool_removed_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
