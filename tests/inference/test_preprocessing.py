@@ -89,6 +89,25 @@ def test_foreground_mask_covers_the_head_including_the_dark_skull() -> None:
     assert np.all(mask[head])
 
 
+def test_the_mask_fills_enclosed_dark_regions_only_where_the_volume_cuts_the_head() -> None:
+    """A dark cavity inside the head is head; one opening to the volume's edge, where the field of
+    view cuts the head, is not (the holes are filled within the head's box, checked here at its
+    edge)."""
+    shape = (48, 40, 36)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    head = ((z - 4) / 30) ** 2 + ((y - 20) / 16) ** 2 + ((x - 18) / 14) ** 2 < 1  # cut at z = 0
+    cavity = ((z - 12) / 4) ** 2 + ((y - 20) / 4) ** 2 + ((x - 12) / 4) ** 2 < 1
+    channel = (z < 12) & (abs(y - 20) < 4) & (abs(x - 24) < 4)  # open at the cut
+    volume = np.where(head, 300.0, 2.0).astype(np.float32)
+    volume[cavity | channel] = 2.0
+    mask = foreground_mask(volume)
+    assert mask[cavity].all(), "an enclosed cavity is inside the head"
+    # Closing rounds the channel's corners; its core stays open.
+    core = channel & (abs(y - 20) < 2) & (abs(x - 24) < 2)
+    assert not mask[core].any(), "a channel open at the volume's edge is outside"
+    assert mask[head & ~channel & (z > 2)].all(), "the head (closing may erode its cut face)"
+
+
 @pytest.mark.parametrize("where", ["inside the head", "in a corner"])
 def test_a_few_voxels_far_brighter_than_the_head_are_refused_not_read_as_empty(where: str) -> None:
     """Otsu's threshold then separates the hot spot from everything else: the "head" would be a
