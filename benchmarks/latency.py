@@ -8,7 +8,7 @@ a duplicate): a synthetic lesional FLAIR series written with the ``FLAIR_2D`` pr
 Two completion rules are timed in the same session, run after run:
 
 - ``count``: the headers give the series' size (ImagesInAcquisition), so the node
-  completes the series as soon as the last instance is stored;
+  completes the series as soon as the last instance is stored and storescu released;
 - ``timer``: the same series with ImagesInAcquisition removed, so the node waits for
   ``completion.stable_seconds`` of quiet (shipped default 10 s), the anchors' approach.
 

@@ -4,11 +4,13 @@ A series completes at once when its headers state how many instances it has
 (``InstanceHeaders.expected_instances``: ImagesInAcquisition, an Enhanced MR's frames
 in one instance, InConcatenationTotalNumber), or a site's ``completion.count_rules``
 state it for series whose headers do not, that many distinct SOP Instance UIDs are
-present, and every association that sent some of them has ended; otherwise after
+present, and every association that sent some of them was released; otherwise after
 ``completion.stable_seconds`` without new content. The wait for the senders is there
 because ImagesInAcquisition counts one acquisition: a series of two acquisitions
-reaches it halfway, and the rest follows in the same association. Anchors use only
-timers (60 s in mercure and Orthanc) and split series of slow senders.
+reaches it halfway, and the rest follows in the same association. A sender that
+aborted may send again, and a series open at a restart may have lost its sender: both
+are left to the timer. Anchors use only timers (60 s in mercure and Orthanc) and split
+series of slow senders.
 
 A series re-opened by new content after hand-off (generation > 0) completes on the
 timer only: its count was already reached, so it can no longer tell when the re-send
@@ -38,6 +40,8 @@ from dicom_node.routing import RoutingDecision, route_series
 log = logging.getLogger(__name__)
 
 ROUTING_EVENT_TYPE = "series routed"
+#: Ended associations remembered (for instances recorded after their association's close).
+ENDED_ASSOCIATIONS_KEPT = 4096
 
 
 @dataclass
@@ -50,12 +54,16 @@ class OpenSeries:
     last_received_at: datetime
     generation: int
     senders: set[int] = field(default_factory=set)  # associations that sent some and are still open
+    # A sender aborted, or the node restarted while it received: what was sent may be re-sent
+    # or completed, so the timer decides.
+    timer_only: bool = False
 
     @property
     def count_reached(self) -> bool:
-        """The stated count is present and no association that sent part of it is still open."""
+        """The stated count is present and every association that sent part of it was released."""
         return (
             self.generation == 0
+            and not self.timer_only
             and self.expected_instances is not None
             and self.distinct_instances >= self.expected_instances
             and not self.senders
@@ -105,6 +113,10 @@ class CompletenessTracker:
         self._open: dict[str, OpenSeries] = {}
         self._ready: set[str] = set()
         self._series_of_sender: dict[int, set[str]] = {}  # open association -> its open series
+        # Associations seen ending, the latest first out: an instance recorded after its
+        # association's close (a C-STORE still stalled when the close stopped waiting) must not
+        # make that association a sender again.
+        self._ended: dict[int, None] = {}
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="completeness", daemon=True)
@@ -129,10 +141,9 @@ class CompletenessTracker:
             ).all()
         with self._condition:
             for uid, expected, generation, last_received_at, distinct in rows:
-                entry = OpenSeries(uid, expected, distinct, as_utc(last_received_at), generation)
-                self._open[uid] = entry
-                if entry.count_reached:
-                    self._ready.add(uid)
+                self._open[uid] = OpenSeries(
+                    uid, expected, distinct, as_utc(last_received_at), generation, timer_only=True
+                )
             self._condition.notify()
         log.info("rebuilt %d open series from SQL", len(rows))
         return len(rows)
@@ -140,7 +151,7 @@ class CompletenessTracker:
     def on_event(self, event: IngestEvent) -> None:
         """Called by the writer thread after an instance's or an association's row committed."""
         if isinstance(event, AssociationEnded):
-            self._on_sender_ended(event.association_id)
+            self._on_sender_ended(event.association_id, event.released)
         else:
             self._on_instance(event)
 
@@ -149,6 +160,8 @@ class CompletenessTracker:
         with self._condition:
             entry = self._open.get(series.series_uid)
             if entry is None or event.reopened or entry.generation != series.generation:
+                if entry is not None:
+                    self._forget_senders(entry)
                 entry = OpenSeries(
                     series.series_uid, series.expected_instances, 0, event.received_at, series.generation
                 )
@@ -156,23 +169,38 @@ class CompletenessTracker:
             entry.expected_instances = series.expected_instances
             entry.distinct_instances += event.new_uid
             entry.last_received_at = max(entry.last_received_at, event.received_at)
-            if event.association_id is not None:
-                entry.senders.add(event.association_id)
-                self._series_of_sender.setdefault(event.association_id, set()).add(series.series_uid)
+            sender = event.association_id
+            if sender is not None and sender not in self._ended:
+                entry.senders.add(sender)
+                self._series_of_sender.setdefault(sender, set()).add(series.series_uid)
+                self._ready.discard(series.series_uid)  # marked when an earlier sender ended
             if entry.count_reached:
                 self._ready.add(series.series_uid)
                 self._condition.notify()
 
-    def _on_sender_ended(self, association_id: int) -> None:
+    def _on_sender_ended(self, association_id: int, released: bool) -> None:
         with self._condition:
+            self._ended[association_id] = None
+            if len(self._ended) > ENDED_ASSOCIATIONS_KEPT:
+                del self._ended[next(iter(self._ended))]
             for series_uid in self._series_of_sender.pop(association_id, ()):
                 entry = self._open.get(series_uid)
                 if entry is None:
                     continue
                 entry.senders.discard(association_id)
+                entry.timer_only |= not released
                 if entry.count_reached:
                     self._ready.add(series_uid)
                     self._condition.notify()
+
+    def _forget_senders(self, entry: OpenSeries) -> None:
+        """Unlink a series that leaves the open table (or is replaced) from its senders."""
+        for sender in entry.senders:
+            series_of_sender = self._series_of_sender.get(sender, set())
+            series_of_sender.discard(entry.series_uid)
+            if not series_of_sender:
+                self._series_of_sender.pop(sender, None)
+        entry.senders.clear()
 
     # -- thread ---------------------------------------------------------------------------
 
@@ -191,19 +219,14 @@ class CompletenessTracker:
         stable = timedelta(seconds=self.completion.stable_seconds)
         due: list[tuple[OpenSeries, str]] = []
         for uid, entry in list(self._open.items()):
-            if uid in self._ready:
+            if uid in self._ready and entry.count_reached:
                 due.append((entry, "count"))
             elif now - entry.last_received_at >= stable:
                 due.append((entry, "stable"))
             else:
                 continue
             del self._open[uid]
-            for sender in entry.senders:  # a long-lived association completed by the timer
-                series_of_sender = self._series_of_sender.get(sender, set())
-                series_of_sender.discard(uid)
-                if not series_of_sender:
-                    self._series_of_sender.pop(sender, None)
-            entry.senders.clear()
+            self._forget_senders(entry)  # a long-lived association, completed by the timer
         self._ready.clear()
         return due
 

@@ -389,6 +389,7 @@ class AssociationEnded:
     """What listeners learn after an association's row was closed: that sender sends no more."""
 
     association_id: int
+    released: bool  # ended by an A-RELEASE, not aborted
 
 
 IngestEvent = InstanceRecorded | AssociationEnded
@@ -502,7 +503,8 @@ class Ingest:
                     instances_failed=failed,
                 )
             )
-            batch.after_commit(lambda: self._notify(AssociationEnded(association_id)))
+            ended = AssociationEnded(association_id, released=outcome == "released")
+            batch.after_commit(lambda: self._notify(ended))
 
         return self.committer.submit(operation)
 

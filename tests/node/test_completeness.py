@@ -341,7 +341,8 @@ def test_a_series_completes_on_its_count_only_once_its_senders_are_done(
 ) -> None:
     """ImagesInAcquisition counts one acquisition: a series of two reaches it halfway, and the
     second acquisition follows in the same association. The series completes once, with both,
-    when that association ends; one sent an instance per association completes at its last."""
+    when that association is released; one sent an instance per association completes at its
+    last. A sender that aborted, or a restart, leaves the series to the timer."""
     from serve_harness import wait_for
 
     from dicom_node.completeness import CompletenessTracker
@@ -354,26 +355,21 @@ def test_a_series_completes_on_its_count_only_once_its_senders_are_done(
     spool = Spool(tmp_path / "spool")
     ingest = Ingest(database)
     app = create_app(load_settings(queue={"broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}"}))
-    tracker = CompletenessTracker(
-        ingest,
-        CompletionSettings(stable_seconds=600, check_interval=0.05),  # only a count completes here
-        RoutingSettings(),
-        HandOff(database, app),
-        AuditTrail(database, b"k" * 32),
-    )
-    ingest.start()
-    tracker.start()
+
+    def tracker() -> CompletenessTracker:
+        return CompletenessTracker(
+            ingest,
+            CompletionSettings(stable_seconds=600, check_interval=0.05),  # only a count completes here
+            RoutingSettings(),
+            HandOff(database, app),
+            AuditTrail(database, b"k" * 32),
+        )
 
     def receive(dataset, association_id: int) -> None:  # type: ignore[no-untyped-def]
         headers = _headers(dataset)
         meta = file_meta_bytes(dataset.SOPClassUID, dataset.SOPInstanceUID, ExplicitVRLittleEndian)
-        spooled = spool.store(
-            headers.study_uid,
-            headers.series_uid,
-            headers.sop_instance_uid,
-            meta,
-            encode(dataset, False, True),
-        )
+        uids = headers.study_uid, headers.series_uid, headers.sop_instance_uid
+        spooled = spool.store(*uids, meta, encode(dataset, False, True))
         ingest.record_instance(
             headers, spooled, transfer_syntax_uid=ExplicitVRLittleEndian, association_id=association_id,
             received_at=datetime.now(UTC),
@@ -383,14 +379,22 @@ def test_a_series_completes_on_its_count_only_once_its_senders_are_done(
         return ingest.open_association("MR1", "BRAIN3D", "127.0.0.1", 104).result()
 
     def completed(series_uid: str) -> tuple[str | None, int, int]:
+        """How the series completed (None: still receiving), its instances, its generation."""
         with database.session() as session:
-            series = session.execute(
-                select(Series).where(Series.series_instance_uid == series_uid)
-            ).scalar_one()
+            series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one()
             instances = session.scalar(select(func.count(Instance.id)).where(Instance.series_id == series.id))
-            jobs = session.scalar(select(func.count(Job.id)).where(Job.series_id == series.id))
-        return (series.completion_reason if series.state == SeriesState.COMPLETE else None), instances, jobs
+        reason = series.completion_reason if series.state == SeriesState.COMPLETE else None
+        return reason, instances, series.generation
 
+    def counted_series(count: int) -> tuple[list, str]:  # type: ignore[type-arg]
+        datasets = mr_series(count)
+        for dataset in datasets:
+            dataset.ImagesInAcquisition = count
+        return datasets, datasets[0].SeriesInstanceUID
+
+    running = tracker()
+    ingest.start()
+    running.start()
     try:
         two_acquisitions = mr_series(24)
         for index, dataset in enumerate(two_acquisitions):
@@ -400,26 +404,39 @@ def test_a_series_completes_on_its_count_only_once_its_senders_are_done(
         for dataset in two_acquisitions[:12]:
             receive(dataset, sender)
         time.sleep(0.5)  # ten completion checks
-        assert completed(series_uid)[0] is None, (
-            "the first acquisition's count reached, its sender still open"
-        )
+        assert completed(series_uid)[0] is None, "one acquisition's count, its sender still open"
         for dataset in two_acquisitions[12:]:
             receive(dataset, sender)
         ingest.close_association(sender, "released", 24, 0, 0).result()
         assert wait_for(lambda: completed(series_uid)[0], timeout_s=10) == "count"
         assert completed(series_uid) == ("count", 24, 0), "completed once, with both acquisitions"
 
-        one_per_association = mr_series(6)
-        for dataset in one_per_association:
-            dataset.ImagesInAcquisition = 6
-        series_uid = one_per_association[0].SeriesInstanceUID
+        one_per_association, series_uid = counted_series(6)
         for dataset in one_per_association:
             sender = association()
             receive(dataset, sender)
             ingest.close_association(sender, "released", 1, 0, 0).result()
         assert wait_for(lambda: completed(series_uid)[0], timeout_s=10) == "count"
         assert completed(series_uid) == ("count", 6, 0)
+
+        aborted, aborted_uid = counted_series(4)
+        sender = association()
+        for dataset in aborted:
+            receive(dataset, sender)
+        ingest.close_association(sender, "aborted", 4, 0, 0).result()
+        open_at_restart, restart_uid = counted_series(4)
+        for dataset in open_at_restart:
+            receive(dataset, association())  # never closed: the node stops meanwhile
+        time.sleep(0.5)
+        assert completed(aborted_uid) == (None, 4, 0), "an aborted sender may send again"
+        running.stop()
+        running = tracker()
+        assert running.rebuild() == 2
+        running.start()
+        time.sleep(0.5)
+        assert completed(restart_uid) == (None, 4, 0), "the sender was lost at the restart"
+        assert completed(aborted_uid) == (None, 4, 0)
     finally:
-        tracker.stop()
+        running.stop()
         ingest.stop()
         database.dispose()
