@@ -9,7 +9,7 @@ present, and every association that sent some of them was released; otherwise af
 because ImagesInAcquisition counts one acquisition: a series of two acquisitions
 reaches it halfway, and the rest follows in the same association. A sender that
 aborted may send again, and a series open at a restart may have lost its sender: both
-are left to the timer. Anchors use only timers (60 s in mercure and Orthanc) and split
+are left to the timer, until an association sends to the series again. Anchors use only timers (60 s in mercure and Orthanc) and split
 series of slow senders.
 
 A series re-opened by new content after hand-off (generation > 0) completes on the
@@ -55,7 +55,7 @@ class OpenSeries:
     generation: int
     senders: set[int] = field(default_factory=set)  # associations that sent some and are still open
     # A sender aborted, or the node restarted while it received: what was sent may be re-sent
-    # or completed, so the timer decides.
+    # or completed, so the timer decides, unless an association sends to it again.
     timer_only: bool = False
 
     @property
@@ -174,6 +174,7 @@ class CompletenessTracker:
                 entry.senders.add(sender)
                 self._series_of_sender.setdefault(sender, set()).add(series.series_uid)
                 self._ready.discard(series.series_uid)  # marked when an earlier sender ended
+                entry.timer_only = False  # this sender's release will tell
             if entry.count_reached:
                 self._ready.add(series.series_uid)
                 self._condition.notify()
