@@ -9,8 +9,8 @@ present, and every association that sent some of them was released; otherwise af
 because ImagesInAcquisition counts one acquisition: a series of two acquisitions
 reaches it halfway, and the rest follows in the same association. A sender that
 aborted may send again, and a series open at a restart may have lost its sender: both
-are left to the timer, until an association sends to the series again. Anchors use only timers (60 s in mercure and Orthanc) and split
-series of slow senders.
+are left to the timer, until an association sends to the series again. Anchors use
+only timers (60 s in mercure and Orthanc) and split series of slow senders.
 
 A series re-opened by new content after hand-off (generation > 0) completes on the
 timer only: its count was already reached, so it can no longer tell when the re-send

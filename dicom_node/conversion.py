@@ -1,16 +1,24 @@
-"""Series to NIfTI: the geometry gate, then dicom2nifti, then an independent affine check.
+"""Series to NIfTI: the geometry gate, then dicom2nifti, then independent affine and pixel checks.
 
 dicom2nifti builds the NIfTI affine in RAS+ from the DICOM LPS headers (it negates
 the x and y rows of the LPS slice affine). Because a left-right error is the worst
-failure of this product, the affine it returns is checked against one computed
-here from the headers alone (IOP, IPP, PixelSpacing): a disagreement of more than
-a hundredth of a millimetre raises :class:`ConversionError` rather than pass a
-possibly mirrored volume on. The returned image is RAS-canonical
-(``nibabel.as_closest_canonical``), the layout ``inference.prepare`` expects.
+failure of this product, what it returns is checked against the headers alone: its
+affine against one computed here (IOP, IPP, PixelSpacing; a disagreement of more than
+a tenth of a millimetre), and every frame's pixels against the slice that affine puts
+the frame's position at. Either failing raises :class:`ConversionError` rather than
+pass a possibly mirrored volume on.
+
+dicom2nifti places classic slices by InstanceNumber and Enhanced MR frames by
+InStackPositionNumber, but takes the slice direction from positions; neither number is
+tied to position by the standard. So the slices are handed to it numbered by position
+along the normal (and an Enhanced MR instance's frames stored in that order). The
+returned image is RAS-canonical (``nibabel.as_closest_canonical``), the layout
+``inference.prepare`` expects.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +44,9 @@ from dicom_node.geometry import (
 
 log = logging.getLogger(__name__)
 
-#: Largest disagreement (mm) tolerated between dicom2nifti's affine and ours.
-AFFINE_TOLERANCE_MM = 0.01
+#: Largest disagreement (mm) tolerated between dicom2nifti's affine and ours: positions written
+#: to a tenth of a millimetre must pass; a mirrored or reversed stack is off by centimetres.
+AFFINE_TOLERANCE_MM = 0.1
 
 
 class ConversionError(Exception):
@@ -111,8 +120,78 @@ def _check_affine(image: nib.Nifti1Image, datasets: Sequence[Dataset]) -> None:
     raise ConversionError("affine_mismatch: dicom2nifti's slice positions disagree with the headers")
 
 
+def _check_pixels(image: nib.Nifti1Image, datasets: Sequence[Dataset]) -> None:
+    """Every frame's pixels must be, up to a linear rescale, the slice that ``image``'s affine
+    puts the frame's position at: this catches a stack whose pixels run one way and whose
+    affine the other, which no header check sees."""
+    data = np.asarray(image.dataobj)
+    to_voxels = np.linalg.inv(image.affine)
+    for ds in datasets:
+        planes = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+        for frame, plane in zip(frames_of(ds), planes, strict=True):
+            assert frame.position is not None  # the gate checked it
+            index = to_voxels @ np.append(LPS_TO_RAS @ frame.position, 1.0)
+            k = int(np.rint(index[2]))
+            stored = plane.astype(np.float64).ravel()
+            if not 0 <= k < data.shape[2]:
+                raise ConversionError("pixel_mismatch: a frame's position lies outside the converted volume")
+            if stored.std() == 0:
+                continue  # a constant frame cannot be told from another
+            converted = data[:, :, k].T.astype(np.float64).ravel()
+            slope, intercept = np.polyfit(stored, converted, 1)
+            residual = float(np.sqrt(np.mean((converted - slope * stored - intercept) ** 2)))
+            if slope <= 0 or residual > max(0.5, 1e-3 * float(converted.std())):
+                raise ConversionError(
+                    f"pixel_mismatch: slice {k} of the converted volume does not hold the pixels of the "
+                    "frame its affine puts there (slices reversed or reordered)"
+                )
+
+
 def _is_multi_frame(dataset: Dataset) -> bool:
     return int(dataset.get("NumberOfFrames") or 1) > 1
+
+
+def _along_normal(frames: Sequence) -> np.ndarray:  # type: ignore[type-arg]
+    """Each frame's rank along the slice normal (0 for the first)."""
+    orientation = frames[0].orientation
+    normal = np.cross(orientation[:3], orientation[3:])
+    return np.argsort(np.argsort([float(frame.position @ normal) for frame in frames], kind="stable"))
+
+
+def _numbered_by_position(datasets: list[Dataset]) -> list[Dataset]:
+    """The classic slices with InstanceNumber set to their rank along the normal (in memory)."""
+    ranks = _along_normal([frames_of(ds)[0] for ds in datasets])
+    for ds, rank in zip(datasets, ranks, strict=True):
+        ds.InstanceNumber = int(rank) + 1
+    return datasets
+
+
+def _frames_in_stack_order(dataset: Dataset) -> Dataset:
+    """A copy of an Enhanced MR instance with its frames (pixels and per-frame groups) stored in
+    order along the normal and numbered so, and a shared pixel value transformation given to
+    every frame (dicom2nifti reads it per frame only)."""
+    frames = frames_of(dataset)
+    ranks = _along_normal(frames)
+    order = np.argsort(ranks)
+    ordered = copy.deepcopy(dataset)
+    groups = [ordered.PerFrameFunctionalGroupsSequence[int(i)] for i in order]
+    shared = ordered.get("SharedFunctionalGroupsSequence")
+    shared_rescale = shared[0].get("PixelValueTransformationSequence") if shared else None
+    for rank, group in enumerate(groups):
+        if "FrameContentSequence" not in group:
+            group.FrameContentSequence = [Dataset()]
+        group.FrameContentSequence[0].InStackPositionNumber = rank + 1
+        if shared_rescale is not None and "PixelValueTransformationSequence" not in group:
+            group.PixelValueTransformationSequence = copy.deepcopy(shared_rescale)
+    ordered.PerFrameFunctionalGroupsSequence = groups
+    if (order != np.arange(len(order))).any():
+        ordered.set_pixel_data(
+            dataset.pixel_array[order],
+            str(dataset.PhotometricInterpretation),
+            int(dataset.BitsStored),
+            generate_instance_uid=False,
+        )
+    return ordered
 
 
 def series_to_nifti(
@@ -153,19 +232,24 @@ def series_to_nifti(
         if _is_multi_frame(datasets[0]):  # then the only instance: checked above
             # What dicom2nifti's Siemens, Philips and generic converters do with an anatomical
             # multi-frame instance; its GE converter reads none.
-            result = convert_generic.multiframe_to_nifti(datasets, str(nifti_path))
+            result = convert_generic.multiframe_to_nifti(
+                [_frames_in_stack_order(datasets[0])], str(nifti_path)
+            )
         else:
             result = dicom2nifti.convert_dicom.dicom_array_to_nifti(
-                datasets, str(nifti_path), reorient_nifti=False
+                _numbered_by_position(datasets), str(nifti_path), reorient_nifti=False
             )
     except (Dicom2niftiConversionError, ConversionValidationError) as exc:
         raise ConversionError(f"dicom2nifti: {exc}") from None
-    except (ValueError, KeyError, AttributeError, IndexError) as exc:
+    except OSError:
+        raise  # the disk, not the series: the job fails and may be retried
+    except Exception as exc:  # anything else the series' content provokes: not analysed, with why
         raise ConversionError(f"dicom2nifti: {type(exc).__name__}: {exc}") from None
     image = result["NII"]
     if image.ndim != 3:
         raise ConversionError(f"not_3d: dicom2nifti produced shape {image.shape}")
     _check_affine(image, datasets)
+    _check_pixels(image, datasets)
     canonical = nib.as_closest_canonical(image)
     log.info(
         "converted series %s to %s voxels %s", series_uid, canonical.shape, nib.aff2axcodes(canonical.affine)

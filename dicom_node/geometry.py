@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 #: Fewer slices than this is not a brain volume (a localizer or a partial series).
 DEFAULT_MIN_SLICES = 16
@@ -74,13 +75,25 @@ def _positive(value: object) -> float | None:
     return number if np.isfinite(number) and number > 0 else None
 
 
-def _array(value: object) -> np.ndarray | None:
+def _vector(value: object, size: int) -> np.ndarray | None:
+    """``size`` finite numbers (a single DS reads as one), else None: a malformed header is an
+    absent one, so the gate answers with a reason rather than crash."""
     if value is None:
         return None
+    values = value if isinstance(value, list | tuple | MultiValue) else [value]
     try:
-        return np.array([float(v) for v in value], dtype=float)  # type: ignore[attr-defined]
+        vector = np.array([float(v) for v in values], dtype=float)
     except (TypeError, ValueError):
         return None
+    return vector if vector.size == size and np.isfinite(vector).all() else None
+
+
+def _pixel_spacing(value: object) -> tuple[float, float] | None:
+    """Row and column spacing, both positive: a negative one would mirror the image."""
+    vector = _vector(value, 2)
+    if vector is None or (vector <= 0).any():
+        return None
+    return float(vector[0]), float(vector[1])
 
 
 def frames_of(ds: Dataset) -> list[Frame]:
@@ -88,12 +101,11 @@ def frames_of(ds: Dataset) -> list[Frame]:
     size = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame:
-        spacing = ds.get("PixelSpacing")
         return [
             Frame(
-                _array(ds.get("ImageOrientationPatient")),
-                _array(ds.get("ImagePositionPatient")),
-                tuple(float(v) for v in spacing) if spacing else None,
+                _vector(ds.get("ImageOrientationPatient"), 6),
+                _vector(ds.get("ImagePositionPatient"), 3),
+                _pixel_spacing(ds.get("PixelSpacing")),
                 size,
                 _positive(ds.get("SliceThickness")),
                 _positive(ds.get("SpacingBetweenSlices")),
@@ -106,12 +118,11 @@ def frames_of(ds: Dataset) -> list[Frame]:
         orientation = _macro(groups, "PlaneOrientationSequence") or _macro(shared, "PlaneOrientationSequence")
         position = _macro(groups, "PlanePositionSequence") or _macro(shared, "PlanePositionSequence")
         measures = _macro(groups, "PixelMeasuresSequence") or _macro(shared, "PixelMeasuresSequence")
-        spacing = measures.get("PixelSpacing") if measures is not None else None
         frames.append(
             Frame(
-                _array(orientation.get("ImageOrientationPatient")) if orientation is not None else None,
-                _array(position.get("ImagePositionPatient")) if position is not None else None,
-                tuple(float(v) for v in spacing) if spacing else None,
+                _vector(orientation.get("ImageOrientationPatient"), 6) if orientation is not None else None,
+                _vector(position.get("ImagePositionPatient"), 3) if position is not None else None,
+                _pixel_spacing(measures.get("PixelSpacing")) if measures is not None else None,
                 size,
                 _positive(measures.get("SliceThickness")) if measures is not None else None,
                 _positive(measures.get("SpacingBetweenSlices")) if measures is not None else None,
@@ -137,11 +148,24 @@ def check_series_geometry(
     if any(_is_localizer(ds) for ds in datasets):
         return GeometryVerdict(False, "localizer: ImageType LOCALIZER/SCOUT in the series")
     frames = [frame for ds in datasets for frame in frames_of(ds)]
-    if any(f.orientation is None or f.orientation.size != 6 or f.position is None for f in frames):
-        return GeometryVerdict(False, "missing_geometry: ImageOrientationPatient/ImagePositionPatient absent")
+    if any(f.orientation is None or f.position is None for f in frames):
+        return GeometryVerdict(
+            False,
+            "missing_geometry: ImageOrientationPatient (6 numbers) or ImagePositionPatient (3) absent "
+            "or malformed",
+        )
     if any(f.pixel_spacing is None for f in frames):
-        return GeometryVerdict(False, "missing_geometry: PixelSpacing absent")
+        return GeometryVerdict(False, "missing_geometry: PixelSpacing absent, or not two positive numbers")
     orientations = np.array([f.orientation for f in frames], dtype=float)
+    row, column = orientations[0, :3], orientations[0, 3:]
+    if (
+        abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE
+        or abs(np.linalg.norm(column) - 1) > ORIENTATION_TOLERANCE
+        or abs(row @ column) > ORIENTATION_TOLERANCE
+    ):
+        return GeometryVerdict(
+            False, "invalid_orientation: ImageOrientationPatient is not two orthogonal unit vectors"
+        )
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         distinct = {tuple(np.round(o, 3)) for o in orientations}
         return GeometryVerdict(False, f"mixed_orientations: {len(distinct)} image orientations in one series")

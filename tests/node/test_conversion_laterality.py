@@ -142,3 +142,92 @@ def test_negative_control_mirrored_pixels_flip_the_side(tmp_path, side, orientat
             _mirror_columns(path)
     centre = _lesion_centre_ras(series_to_nifti(files, tmp_path / "work"))
     assert np.sign(centre[0]) == -np.sign(LESIONS[side][0])
+
+
+def _enhanced_reversed(path) -> None:
+    """Frames stored last to first, each with its own functional groups."""
+    ds = pydicom.dcmread(path)
+    ds.PerFrameFunctionalGroupsSequence = list(ds.PerFrameFunctionalGroupsSequence)[::-1]
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()
+    ds.save_as(path)
+
+
+def _enhanced_counted_from_the_other_end(path) -> None:
+    """InStackPositionNumber counted from the last frame (the standard ties it to no direction)."""
+    ds = pydicom.dcmread(path)
+    frames = int(ds.NumberOfFrames)
+    for groups in ds.PerFrameFunctionalGroupsSequence:
+        content = groups.FrameContentSequence[0]
+        content.InStackPositionNumber = frames + 1 - content.InStackPositionNumber
+        content.DimensionIndexValues = [1, content.InStackPositionNumber]
+    ds.save_as(path)
+
+
+def _enhanced_interleaved(path) -> None:
+    """Frames stored in acquisition order: odd slices, then even ones."""
+    ds = pydicom.dcmread(path)
+    frames = int(ds.NumberOfFrames)
+    order = [*range(0, frames, 2), *range(1, frames, 2)]
+    ds.PerFrameFunctionalGroupsSequence = [ds.PerFrameFunctionalGroupsSequence[i] for i in order]
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[order]).tobytes()
+    ds.save_as(path)
+
+
+def _classic_numbered(order: str):  # type: ignore[no-untyped-def]
+    def renumber(paths) -> None:
+        count = len(paths)
+        numbers = {
+            "interleaved": [*range(1, count + 1, 2), *range(2, count + 1, 2)],
+            "shuffled": list(np.random.default_rng(5).permutation(count) + 1),
+        }.get(order)
+        for index, path in enumerate(paths):
+            ds = pydicom.dcmread(path)
+            if numbers is None:
+                del ds.InstanceNumber
+            else:
+                ds.InstanceNumber = int(numbers[index])
+            ds.save_as(path)
+
+    return renumber
+
+
+STORAGE_ORDERS = {
+    "enhanced-reversed": (True, lambda paths: _enhanced_reversed(paths[0])),
+    "enhanced-counted-from-the-other-end": (
+        True,
+        lambda paths: _enhanced_counted_from_the_other_end(paths[0]),
+    ),
+    "enhanced-interleaved": (True, lambda paths: _enhanced_interleaved(paths[0])),
+    "classic-interleaved-numbers": (False, _classic_numbered("interleaved")),
+    "classic-shuffled-numbers": (False, _classic_numbered("shuffled")),
+    "classic-no-numbers": (False, _classic_numbered("none")),
+}
+
+
+@pytest.mark.parametrize("side", sorted(LESIONS))
+@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
+@pytest.mark.parametrize("storage", sorted(STORAGE_ORDERS))
+def test_storage_order_and_numbering_do_not_move_the_lesion(tmp_path, side, orientation, storage) -> None:
+    """The standard ties neither the frames' storage order nor InstanceNumber or InStackPositionNumber
+    to position; dicom2nifti places slices by those numbers. Each way: the lesion stays on its side."""
+    enhanced, rewrite = STORAGE_ORDERS[storage]
+    files = write_series(
+        tmp_path / "dicom", PHANTOMS[side], AFFINE, seed=11, orientation=orientation, enhanced=enhanced
+    )
+    rewrite(files)
+    centre = _lesion_centre_ras(series_to_nifti(files, tmp_path / "work"))
+    assert np.linalg.norm(centre - LESIONS[side]) < VOXEL_MM, f"{side} lesion converted to {centre.round(1)}"
+
+
+def test_pixels_placed_against_their_affine_are_refused(tmp_path, monkeypatch) -> None:
+    """The last check: handed to dicom2nifti unordered (as before the frames were put in stack
+    order), a reversed Enhanced MR instance's pixels run against the affine: refused, not mirrored."""
+    from dicom_node import conversion
+
+    files = write_series(
+        tmp_path / "dicom", PHANTOMS["right"], AFFINE, seed=11, orientation="sagittal", enhanced=True
+    )
+    _enhanced_reversed(files[0])
+    monkeypatch.setattr(conversion, "_frames_in_stack_order", lambda dataset: dataset)
+    with pytest.raises(conversion.ConversionError, match="pixel_mismatch"):
+        series_to_nifti(files, tmp_path / "work")

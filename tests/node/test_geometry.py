@@ -173,3 +173,21 @@ def test_missing_geometry_and_empty_series() -> None:
     del series[4].ImageOrientationPatient
     assert check_series_geometry(series).code == "missing_geometry"
     assert check_series_geometry([]).code == "no_instances"
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "code"),
+    [
+        ("PixelSpacing", [2.0, -2.0], "missing_geometry"),  # a negative spacing mirrors the image
+        ("PixelSpacing", [0.0, 0.0], "missing_geometry"),
+        ("PixelSpacing", 2.0, "missing_geometry"),  # one value
+        ("ImagePositionPatient", [0.0, 0.0], "missing_geometry"),
+        ("ImageOrientationPatient", [2.0, 0.0, 0.0, 0.0, 2.0, 0.0], "invalid_orientation"),
+        ("ImageOrientationPatient", [1.0, 0.0, 0.0, 0.6, 0.8, 0.0], "invalid_orientation"),
+    ],
+)
+def test_malformed_geometry_is_a_reason_not_a_crash(keyword: str, value: object, code: str) -> None:
+    series = _series()
+    for ds in series:
+        setattr(ds, keyword, value)
+    assert check_series_geometry(series).code == code
