@@ -8,6 +8,9 @@ synthetic_demo, predecessors=()) -> ReportPair(narrative, measurement)``
 - ``findings``: ``parse(report_text)``, never a second model output, so text and codes agree.
 - ``content_datetime``: when the report was made (the job's inference time). It becomes
   ContentDate/Time and every other date the SR carries, so the same inputs give the same bytes.
+  It is written in the study's time: the offset the source states (and the SR states again),
+  else the node's local time with no offset, as the copied StudyDate/Time are (an offset
+  applies to every date and time of an instance, PS3.3 C.12.1.1.8).
 - ``predecessors``: earlier SRs of the same series (re-processing after late instances),
   cited in PredecessorDocumentsSequence.
 
@@ -19,10 +22,12 @@ the same objects, so a PACS stores each SR once however often it is delivered.
 from __future__ import annotations
 
 import io
+import re
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 import highdicom as hd
 from pydicom import DataElement, Dataset, dcmwrite
@@ -59,8 +64,7 @@ _PATIENT_STUDY_TYPE2 = (
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 _TEMPORAL_VRS = {"DA": DA, "DT": DT, "TM": TM}
 _PATIENT_SEXES = {"M", "F", "O"}  # PS3.3 C.7.1.1, the enumerated values highdicom accepts
-# The Type 3 attributes of the study modules highdicom copies (the Patient module: group 0010).
-_STUDY_TYPE3 = {"StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy"}
+_UTC_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
 
 
 @dataclass(frozen=True)
@@ -235,21 +239,27 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
                 del first[keyword]  # its element is shared with the caller's dataset
             setattr(first, keyword, "")
     for element in list(first):
-        if _optional_patient_or_study(element) and not _valid_for_its_vr(element):
-            del first[element.tag]  # an age "45Y", a weight "72,5": the SR would fail validation
+        if _optional(element) and not _valid_for_its_vr(element):
+            # An age "45Y", a weight "72,5", a 70-character admitting diagnosis: highdicom copies
+            # the Patient and study modules' attributes, and the SR would fail validation.
+            del first[element.tag]
     if first.get("SpecificCharacterSet"):
-        # The values copied from it are decoded already; UTF-8 holds them all, where highdicom
-        # refuses common declarations (Japanese "\\ISO 2022 IR 87", "ISO_IR 6").
+        # Every value, in sequences too, read (decoded in the source's character set) before
+        # the label changes: a value never read is written back as its raw bytes, under the new
+        # label. (``Dataset.decode`` would re-encode values set in memory, garbling them.)
+        for _element in first.iterall():
+            pass
+        # UTF-8 holds them all, where highdicom refuses common declarations (Japanese
+        # "\\ISO 2022 IR 87", "ISO_IR 6").
         del first.SpecificCharacterSet  # its element is shared with the caller's dataset
         first.SpecificCharacterSet = "ISO_IR 192"
     return [first, *ordered[1:]]
 
 
-def _optional_patient_or_study(element: DataElement) -> bool:
-    """A Type 3 attribute of the Patient or study modules, which highdicom copies into the SR."""
-    if element.keyword in _PATIENT_STUDY_TYPE2 or element.VR in ("SQ", "UI"):
-        return False
-    return element.tag.group == 0x0010 or element.keyword in _STUDY_TYPE3
+def _optional(element: DataElement) -> bool:
+    """A root attribute the SR may lose: not one of the Type 2 values filled above, not a UID,
+    not a sequence. Only those highdicom copies (the Patient and study modules) reach the SR."""
+    return element.keyword not in _PATIENT_STUDY_TYPE2 and element.VR not in ("SQ", "UI")
 
 
 def _valid_for_its_vr(element: DataElement) -> bool:
@@ -257,6 +267,10 @@ def _valid_for_its_vr(element: DataElement) -> bool:
         validate_value(element.VR, element.value, pydicom_config.RAISE)
     except (ValueError, TypeError):
         return False
+    if element.VR == "PN":  # what pydicom leaves to the validators: 64 characters, 5 components a group
+        values = element.value if element.VM > 1 else [element.value]
+        groups = [group for value in values for group in str(value or "").split("=")]
+        return all(len(group) <= 64 and group.count("^") <= 4 for group in groups)
     return True
 
 
@@ -309,7 +323,55 @@ def _document(
     content_datetime: datetime,
     predecessors: Sequence[Dataset],
 ) -> Dataset:
-    document = sop_class(
+    content_datetime, utc_offset = _in_study_time(content_datetime, evidence[0])
+    with warnings.catch_warnings():
+        # highdicom quotes a patient's name it finds unusual (a single-part name is legal DICOM).
+        warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")
+        document = _sop_instance(
+            sop_class, evidence, content, series_uid, sop_uid, instance_number, algorithm,
+            content_datetime, predecessors,
+        )  # fmt: skip
+    _pin_times(document, content_datetime)
+    if utc_offset is not None:
+        document.TimezoneOffsetFromUTC = utc_offset
+    if not _is_ascii(document):
+        # The model's text or the copied patient module holds characters beyond ASCII.
+        document.SpecificCharacterSet = "ISO_IR 192"
+    if any(code.scheme_designator == sr_codes.LOCAL_SCHEME for code in _codes_in(document)):
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = sr_codes.LOCAL_SCHEME
+        scheme.CodingSchemeName = sr_codes.LOCAL_SCHEME_NAME
+        scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+        document.CodingSchemeIdentificationSequence = [scheme]
+    return document
+
+
+def _in_study_time(moment: datetime, source: Dataset) -> tuple[datetime, str | None]:
+    """``moment`` as a wall-clock time in the study's zone, and the offset to state, if any: the
+    source's own (written again), else the node's local time and none, as StudyDate/Time are."""
+    if moment.tzinfo is None:
+        return moment, None
+    stated = str(source.get("TimezoneOffsetFromUTC") or "")
+    match = _UTC_OFFSET.match(stated)
+    if match is None:
+        return moment.astimezone().replace(tzinfo=None), None
+    sign, hours, minutes = match.groups()
+    offset = timedelta(hours=int(hours), minutes=int(minutes)) * (-1 if sign == "-" else 1)
+    return moment.astimezone(timezone(offset)).replace(tzinfo=None), stated
+
+
+def _sop_instance(
+    sop_class: type[hd.sr.ComprehensiveSR] | type[hd.sr.Comprehensive3DSR],
+    evidence: list[Dataset],
+    content: Dataset,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int,
+    algorithm: AlgorithmIdentity,
+    content_datetime: datetime,
+    predecessors: Sequence[Dataset],
+) -> Dataset:
+    return sop_class(
         evidence=evidence,
         content=content,
         series_instance_uid=series_uid,
@@ -330,17 +392,6 @@ def _document(
         manufacturer_model_name=f"{algorithm.name} {algorithm.version}",
         software_versions=SOFTWARE_VERSION,
     )
-    _pin_times(document, content_datetime)
-    if not _is_ascii(document):
-        # The model's text or the copied patient module holds characters beyond ASCII.
-        document.SpecificCharacterSet = "ISO_IR 192"
-    if any(code.scheme_designator == sr_codes.LOCAL_SCHEME for code in _codes_in(document)):
-        scheme = Dataset()
-        scheme.CodingSchemeDesignator = sr_codes.LOCAL_SCHEME
-        scheme.CodingSchemeName = sr_codes.LOCAL_SCHEME_NAME
-        scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
-        document.CodingSchemeIdentificationSequence = [scheme]
-    return document
 
 
 def _is_ascii(dataset: Dataset) -> bool:
@@ -359,9 +410,6 @@ def _pin_times(document: Dataset, content_datetime: datetime) -> None:
     for item in document.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = DT(content_datetime)
-    if content_datetime.tzinfo is not None:
-        offset = content_datetime.strftime("%z")
-        document.TimezoneOffsetFromUTC = offset
 
 
 def _codes_in(dataset: Dataset):

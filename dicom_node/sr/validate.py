@@ -23,8 +23,9 @@ VALIDATOR_PACKAGES = {"dciodvfy": "dicom3tools", "dsrdump": "dcmtk"}
 VALIDATORS = tuple(VALIDATOR_PACKAGES)
 _TIMEOUT_S = 60
 # "PN [1] = <DOE^JOHN> - Length invalid ...": the value runs to the ">" that ends the line or
-# precedes " - ", so a value holding "<" or ">" itself is withheld whole.
-_QUOTED_VALUE = re.compile(r"(\[\d+\] = )<.*?>(?= - |\s*$)")
+# precedes " - ", so a value holding "<" or ">" itself is withheld whole; a value holding a line
+# break leaves its first line without the ">", and the rest of that line is withheld.
+_QUOTED_VALUE = re.compile(r"(\[\d+\] = )<(?:.*?>(?= - |\s*$)|[^>]*$)")
 
 
 def available_validators() -> tuple[str, ...]:

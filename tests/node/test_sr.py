@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import random
+import time
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -269,17 +271,29 @@ def test_only_time_fields_differ_between_two_report_times(kind: str) -> None:
     }
 
 
-def test_timezone_aware_report_time_records_its_offset(tmp_path: Path) -> None:
-    pair = build_reports(
-        mr_series(1, with_pixels=False),
-        render(NORMAL),
-        NORMAL,
-        ALGORITHM,
-        input_hash=INPUT_HASH,
-        content_datetime=WHEN.replace(tzinfo=UTC),
-        synthetic_demo=False,
-    )
-    assert pair.narrative.TimezoneOffsetFromUTC == "+0000"
+@pytest.mark.parametrize("stated", ["+0200", "-0430", None])
+def test_the_report_time_is_written_in_the_study_time_zone(tmp_path: Path, monkeypatch, stated) -> None:
+    """An SR's TimezoneOffsetFromUTC applies to every date and time in it, the copied StudyDate and
+    StudyTime too: it states the source's own offset, with the report time in that zone, or none,
+    with the report time in the node's local time, as the scanner's study time is."""
+    monkeypatch.setenv("TZ", "Etc/GMT-3")  # the node's local time: UTC+3
+    time.tzset()
+    try:
+        sources = mr_series(1, with_pixels=False)
+        if stated is not None:
+            sources[0].TimezoneOffsetFromUTC = stated
+        pair = build_reports(
+            sources, render(NORMAL), NORMAL, ALGORITHM, input_hash=INPUT_HASH,
+            content_datetime=datetime(2024, 5, 6, 10, 30, 15, tzinfo=UTC), synthetic_demo=False,
+        )  # fmt: skip
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    expected_time = {"+0200": "123015", "-0430": "060015", None: "133015"}[stated]
+    for report in (pair.narrative, pair.measurement):
+        assert report.get("TimezoneOffsetFromUTC") == stated
+        assert (str(report.ContentDate), str(report.ContentTime)) == ("20240506", expected_time)
+        assert report.StudyTime == sources[0].StudyTime  # copied as it was
     assert validate_sr(_written(pair.narrative, tmp_path, "n")) == []
 
 
@@ -411,23 +425,65 @@ def test_malformed_optional_patient_and_study_values_are_left_out(tmp_path: Path
     sources = mr_series(2, with_pixels=False)
     for ds in sources:
         ds.PatientAge, ds.StudyDescription = "45Y", "MRI BRAIN " * 8  # AS is nnnY; LO holds 64
+        ds.AdmittingDiagnosesDescription = "suspected glioma " * 5  # the Patient Study module
+        ds.ConsultingPhysicianName = "Doe^A" * 20  # PN: 64 characters, five components
     path = _written(_reports(sources).narrative, tmp_path, "n")
     assert validate_sr(path) == []
     written = pydicom.dcmread(path)
-    assert not {"PatientAge", "StudyDescription"} & set(written.dir())
+    left_out = {"PatientAge", "StudyDescription", "AdmittingDiagnosesDescription", "ConsultingPhysicianName"}
+    assert not left_out & set(written.dir())
     assert (written.PatientID, written.PatientName) == (sources[0].PatientID, sources[0].PatientName)
     assert sources[0].PatientAge == "45Y"  # the caller's datasets are not modified
 
 
-@pytest.mark.parametrize("name", ["DOE^JOHN" + "X" * 70, "DOE<JR>^JOHN" + "X" * 70], ids=["plain", "angled"])
+@pytest.mark.parametrize(
+    "name",
+    ["DOE^JOHN" + "X" * 70, "DOE<JR>^JOHN" + "X" * 70, "DOE^JOHN\nJR"],
+    ids=["plain", "angled", "line-break"],
+)
 def test_validator_messages_withhold_the_values_they_quote(tmp_path: Path, name: str) -> None:
     """An invalid patient name (longer than PN's 64 characters) fails validation; the message
     names the attribute, not the patient, even where the name holds the brackets it is quoted in."""
     sources = mr_series(2, patient_name=name, with_pixels=False)
     pair = _reports(sources, NORMAL)
-    errors = validate_sr(_written(pair.narrative, tmp_path, "n"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        errors = validate_sr(_written(pair.narrative, tmp_path, "n"))
     assert any("Patient's Name" in error and "<value withheld>" in error for error in errors)
     assert not any(part in error for error in errors for part in ("DOE", "JR", "JOHN"))
+    assert not any("DOE" in str(warning.message) for warning in caught)
+
+
+def test_building_an_sr_warns_with_no_patient_name() -> None:
+    """A single-part name is legal DICOM; highdicom warns about it, quoting it, into the worker's log."""
+    sources = mr_series(2, patient_name="MUSTERMANN", with_pixels=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pair = _reports(sources, NORMAL)
+    assert str(pair.narrative.PatientName) == "MUSTERMANN"
+    assert not any("MUSTERMANN" in str(warning.message) for warning in caught)
+
+
+def test_a_source_in_latin1_gives_utf8_text_in_copied_sequences_too(tmp_path: Path) -> None:
+    """The SR is labelled UTF-8; a copied sequence's text must be re-encoded with it, not written
+    back as the source's Latin-1 bytes under the new label."""
+    sources = []
+    for dataset in mr_series(2, patient_name="Müller^Jörg", with_pixels=False):
+        dataset.SpecificCharacterSet = "ISO_IR 100"
+        procedure = Dataset()
+        procedure.CodeValue, procedure.CodingSchemeDesignator = "MRKOPF", "99LOCAL"
+        procedure.CodeMeaning = "MRT Schädel nativ"
+        dataset.ProcedureCodeSequence = [procedure]
+        dataset.StudyDescription = "Schädel"
+        written = _written(dataset, tmp_path, dataset.SOPInstanceUID)  # encoded in Latin-1
+        sources.append(pydicom.dcmread(written, stop_before_pixels=True))
+    path = _written(_reports(sources).narrative, tmp_path, "n")
+    assert validate_sr(path) == []
+    raw = path.read_bytes()
+    assert "Schädel nativ".encode() in raw and "Schädel".encode("latin-1") not in raw
+    back = pydicom.dcmread(path)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert back.ProcedureCodeSequence[0].CodeMeaning == "MRT Schädel nativ"
 
 
 def test_sources_from_two_series_are_refused() -> None:
