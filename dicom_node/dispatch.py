@@ -156,7 +156,11 @@ class DicomDestination(Destination):
                 if not accepted:
                     failures.append(f"{self.name} accepted no context for {entry.sop_instance_uid}")
                     continue
-                status = assoc.send_c_store(entry.path)
+                try:
+                    status = assoc.send_c_store(entry.path)
+                except Exception as exc:  # its file gone or changed since its meta was read
+                    failures.append(f"{self.name}: could not send {entry.sop_instance_uid}: {exc!r}")
+                    break  # what was stored before it is still reported
                 if "Status" not in status:
                     failures.append(f"{self.name}: no C-STORE response (association aborted or timed out)")
                     break

@@ -154,6 +154,28 @@ def test_an_unreadable_file_is_a_failure_outcome(tmp_path: Path) -> None:
     assert not outcome.ok and outcome.error is not None and "missing.dcm" in outcome.error
 
 
+def test_a_send_that_raises_still_reports_what_was_stored(tmp_path: Path, study, monkeypatch) -> None:
+    """The second SR's file fails while it is sent (a fault caused here by a stand-in: a file
+    that changes between reading its meta and sending it). The first SR was stored: the outcome
+    says so, and names the second's failure, rather than raise and lose both."""
+    from pynetdicom.association import Association
+
+    _, sr_files = study
+    send = Association.send_c_store
+
+    def failing_on_the_second(self, dataset, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(dataset) == sr_files[1]:
+            raise OSError("file changed while it was sent")
+        return send(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_store", failing_on_the_second)
+    with StoreSCP(tmp_path / "storescp") as peer:
+        outcome = DicomDestination("127.0.0.1", peer.port, peer.ae_title, "BRAIN3D").send(sr_files)
+    assert outcome.statuses == {_sop_uid(sr_files[0]): 0}
+    assert not outcome.ok and "could not send" in (outcome.error or "")
+    assert _sop_uid(sr_files[1]) in (outcome.error or "")
+
+
 @pytest.mark.parametrize(
     ("host", "loopback"),
     [
