@@ -52,14 +52,17 @@ def findings_to_json(findings: Findings) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def _predecessors(runtime: Runtime, job: Job) -> list[Dataset]:
+def _predecessors(runtime: Runtime, job: Job, building: set[str]) -> list[Dataset]:
     """The SRs a new SR of ``job`` supersedes and must cite: those of earlier jobs on the same
-    series, and the job's own from before a retry (another outcome, model or input)."""
+    series, and the job's own from before a retry (another outcome, model or input). Not those
+    being built again (``building``: their SOP Instance UIDs, where one of a pair was lost): an
+    SR does not supersede itself, and citing itself would change the bytes a PACS holds."""
     with runtime.database.session() as session:
         rows = session.scalars(
             select(StructuredReport)
             .join(Job, Job.id == StructuredReport.job_id)
             .where(Job.series_id == job.series_id, Job.id <= job.id)
+            .where(StructuredReport.sop_instance_uid.not_in(building))
             .order_by(StructuredReport.id)
         ).all()
     return [pydicom.dcmread(row.path, stop_before_pixels=True) for row in rows if Path(row.path).is_file()]
@@ -155,9 +158,21 @@ def _report_uids(sources: SourceInstances, algorithm: AlgorithmIdentity) -> Repo
 
 
 def _record(runtime: Runtime, rows: list[StructuredReport]) -> list[StructuredReport]:
+    """Record persisted SRs. One built again under its UIDs (its file was lost) keeps its row,
+    with the new file's path and hash: a second row would break the UIDs' uniqueness."""
+    recorded = []
     with runtime.database.session() as session:
-        session.add_all(rows)
-    return rows
+        for row in rows:
+            known = session.scalars(
+                select(StructuredReport).where(StructuredReport.sop_instance_uid == row.sop_instance_uid)
+            ).one_or_none()
+            if known is None:
+                session.add(row)
+                recorded.append(row)
+            else:
+                known.path, known.sha256 = row.path, row.sha256
+                recorded.append(known)
+    return recorded
 
 
 def build_and_store(
@@ -174,9 +189,8 @@ def build_and_store(
         )
     algorithm = _algorithm(identity)
     uids = _report_uids(sources, algorithm)
-    if existing := _existing(
-        runtime, job, {NARRATIVE_KIND: uids.narrative, MEASUREMENT_KIND: uids.measurement}
-    ):
+    wanted = {NARRATIVE_KIND: uids.narrative, MEASUREMENT_KIND: uids.measurement}
+    if existing := _existing(runtime, job, wanted):
         return existing  # already built: keep the persisted bytes
     assert job.report_text is not None
     pair = build_reports(
@@ -186,7 +200,7 @@ def build_and_store(
         algorithm,
         input_hash=sources.input_hash,
         synthetic_demo=identity.synthetic_demo,
-        predecessors=_predecessors(runtime, job),
+        predecessors=_predecessors(runtime, job, set(wanted.values())),
         content_datetime=content_time,
     )
     return _record(
@@ -209,9 +223,8 @@ def build_not_analysed(
 ) -> list[StructuredReport]:
     """The short SR saying the series was not analysed and why (``delivery.not_analysed_report``)."""
     algorithm = _algorithm(identity)
-    if existing := _existing(
-        runtime, job, {NOT_ANALYSED_KIND: _report_uids(sources, algorithm).not_analysed}
-    ):
+    sop_uid = _report_uids(sources, algorithm).not_analysed
+    if existing := _existing(runtime, job, {NOT_ANALYSED_KIND: sop_uid}):
         return existing
     dataset = not_analysed_report(
         _sources(sources),
@@ -220,6 +233,6 @@ def build_not_analysed(
         input_hash=sources.input_hash,
         content_datetime=content_time,
         synthetic_demo=identity.synthetic_demo,
-        predecessors=_predecessors(runtime, job),
+        predecessors=_predecessors(runtime, job, {sop_uid}),
     )
     return _record(runtime, [_persist(runtime, job, NOT_ANALYSED_KIND, dataset)])

@@ -11,6 +11,7 @@ import shutil
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -236,6 +237,29 @@ def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runti
         for item in series.ReferencedSOPSequence
     }
     assert cited == {row.sop_instance_uid for row in built}
+
+
+def test_an_sr_rebuilt_after_its_file_was_lost_is_the_same_object(runtime, tmp_path):
+    """One SR of a pair lost from the reports folder: the pair is built again under the same UIDs
+    and must come out as the PACS may already hold it, citing neither itself nor its twin."""
+    case = synthesize_case("lost", lesional=False, seed=5)
+    paths = _spooled(write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=5))
+    job_id = _job(runtime, report_text=render(NORMAL), inference_finished_at=utcnow(), model_version="1.0")
+    with runtime.database.session() as session:
+        series_id = session.get(Job, job_id).series_id
+        session.add_all(_instance_row(series_id, path) for path in paths)
+    job = JobBook(runtime).get(job_id)
+    sources = source_instances(runtime, job)
+    model = ModelIdentity(name="Brain3D", version="1.0", checkpoint_hash="a" * 64, synthetic_demo=False)
+    when = utcnow()
+    built = build_and_store(runtime, job, sources, model, content_time=when)
+    first_bytes = {row.kind: Path(row.path).read_bytes() for row in built}
+    Path(next(row.path for row in built if row.kind == NARRATIVE_KIND)).unlink()
+    rebuilt = build_and_store(runtime, job, sources, model, content_time=when)
+    assert {row.sop_instance_uid for row in rebuilt} == {row.sop_instance_uid for row in built}
+    for row in rebuilt:
+        assert "PredecessorDocumentsSequence" not in pydicom.dcmread(row.path)
+        assert Path(row.path).read_bytes() == first_bytes[row.kind]
 
 
 def test_a_copy_of_the_demo_checkpoint_is_still_the_demo(tmp_path):
