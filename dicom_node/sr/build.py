@@ -327,10 +327,27 @@ def _document(
     with warnings.catch_warnings():
         # highdicom quotes a patient's name it finds unusual (a single-part name is legal DICOM).
         warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")
-        document = _sop_instance(
-            sop_class, evidence, content, series_uid, sop_uid, instance_number, algorithm,
-            content_datetime, predecessors,
-        )  # fmt: skip
+        document = sop_class(
+            evidence=evidence,
+            content=content,
+            series_instance_uid=series_uid,
+            series_number=_series_number(evidence[0]),
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            previous_versions=list(predecessors) or None,
+            record_evidence=True,
+            content_date=content_datetime.date(),
+            content_time=content_datetime.time(),
+            series_date=content_datetime.date(),
+            series_time=content_datetime.time(),
+            series_description=SERIES_DESCRIPTION,
+            manufacturer_model_name=f"{algorithm.name} {algorithm.version}",
+            software_versions=SOFTWARE_VERSION,
+        )
     _pin_times(document, content_datetime)
     if utc_offset is not None:
         document.TimezoneOffsetFromUTC = utc_offset
@@ -358,40 +375,6 @@ def _in_study_time(moment: datetime, source: Dataset) -> tuple[datetime, str | N
     sign, hours, minutes = match.groups()
     offset = timedelta(hours=int(hours), minutes=int(minutes)) * (-1 if sign == "-" else 1)
     return moment.astimezone(timezone(offset)).replace(tzinfo=None), stated
-
-
-def _sop_instance(
-    sop_class: type[hd.sr.ComprehensiveSR] | type[hd.sr.Comprehensive3DSR],
-    evidence: list[Dataset],
-    content: Dataset,
-    series_uid: str,
-    sop_uid: str,
-    instance_number: int,
-    algorithm: AlgorithmIdentity,
-    content_datetime: datetime,
-    predecessors: Sequence[Dataset],
-) -> Dataset:
-    return sop_class(
-        evidence=evidence,
-        content=content,
-        series_instance_uid=series_uid,
-        series_number=_series_number(evidence[0]),
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=list(predecessors) or None,
-        record_evidence=True,
-        content_date=content_datetime.date(),
-        content_time=content_datetime.time(),
-        series_date=content_datetime.date(),
-        series_time=content_datetime.time(),
-        series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=f"{algorithm.name} {algorithm.version}",
-        software_versions=SOFTWARE_VERSION,
-    )
 
 
 def _is_ascii(dataset: Dataset) -> bool:

@@ -205,17 +205,22 @@ def test_the_srs_cite_the_instances_the_model_read_not_those_that_came_later(run
     assert source_instances(runtime, job).input_hash != read.input_hash, "the next job's SRs differ"
 
 
-def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runtime, tmp_path):
-    """A failed job retried after the checkpoint changed: its earlier SRs are kept as history, new
-    ones are built under new UIDs and cite them as predecessors, and only the new ones are sent."""
-    case = synthesize_case("retried", lesional=False, seed=4)
-    paths = _spooled(write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=4))
+def _read_by_model_1_0(runtime, tmp_path, seed: int):  # type: ignore[no-untyped-def]
+    """A job whose spooled healthy series model version 1.0 has read: its id and its sources."""
+    case = synthesize_case(f"case{seed}", lesional=False, seed=seed)
+    paths = _spooled(write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=seed))
     job_id = _job(runtime, report_text=render(NORMAL), inference_finished_at=utcnow(), model_version="1.0")
     with runtime.database.session() as session:
         series_id = session.get(Job, job_id).series_id
         session.add_all(_instance_row(series_id, path) for path in paths)
+    return job_id, source_instances(runtime, JobBook(runtime).get(job_id))
+
+
+def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runtime, tmp_path):
+    """A failed job retried after the checkpoint changed: its earlier SRs are kept as history, new
+    ones are built under new UIDs and cite them as predecessors, and only the new ones are sent."""
+    job_id, sources = _read_by_model_1_0(runtime, tmp_path, seed=4)
     job = JobBook(runtime).get(job_id)
-    sources = source_instances(runtime, job)
     first = ModelIdentity(name="Brain3D", version="1.0", checkpoint_hash="a" * 64, synthetic_demo=False)
     built = build_and_store(runtime, job, sources, first, content_time=utcnow())
     again = build_and_store(runtime, job, sources, first, content_time=utcnow())
@@ -242,14 +247,8 @@ def test_a_job_read_again_by_another_model_sends_new_srs_that_cite_the_old(runti
 def test_an_sr_rebuilt_after_its_file_was_lost_is_the_same_object(runtime, tmp_path):
     """One SR of a pair lost from the reports folder: the pair is built again under the same UIDs
     and must come out as the PACS may already hold it, citing neither itself nor its twin."""
-    case = synthesize_case("lost", lesional=False, seed=5)
-    paths = _spooled(write_series(tmp_path / "series", case.volume, case.affine, preset=FLAIR_2D, seed=5))
-    job_id = _job(runtime, report_text=render(NORMAL), inference_finished_at=utcnow(), model_version="1.0")
-    with runtime.database.session() as session:
-        series_id = session.get(Job, job_id).series_id
-        session.add_all(_instance_row(series_id, path) for path in paths)
+    job_id, sources = _read_by_model_1_0(runtime, tmp_path, seed=5)
     job = JobBook(runtime).get(job_id)
-    sources = source_instances(runtime, job)
     model = ModelIdentity(name="Brain3D", version="1.0", checkpoint_hash="a" * 64, synthetic_demo=False)
     when = utcnow()
     built = build_and_store(runtime, job, sources, model, content_time=when)
