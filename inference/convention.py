@@ -9,7 +9,9 @@ j = posterior to anterior, k = inferior to superior), transposed so that:
 - W runs from the patient's left to the patient's right (its first axis).
 
 So ``volume[..., w]`` with a small ``w`` is the patient's left side, and a left-right
-mirror of the patient is ``volume.flip(-1)``.
+mirror of the patient is ``volume.flip(-1)``. For an oblique image the canonical array's
+axes only approximate the patient's; ``inference.preprocessing.prepare`` samples its grid
+along the patient's own axes, so the model's D, H and W are exactly these directions.
 """
 
 from __future__ import annotations

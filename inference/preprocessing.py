@@ -8,9 +8,12 @@
 2. a foreground (head) mask computed from the image itself: Otsu threshold, closing, largest
    connected component, holes filled. Clinical FLAIR arrives with skull and scalp and no brain
    mask exists at inference, so nothing else is assumed;
-3. the head's bounding box, plus a margin, is resampled onto the model grid, axis by axis,
-   after an anti-aliasing Gaussian whose width follows the downsampling factor; working in
-   the voxel frame of the canonical image makes the result independent of the voxel size;
+3. the head's bounding box along the patient's axes (RAS), plus a margin, is resampled onto
+   the model grid, after an anti-aliasing Gaussian whose width follows the downsampling
+   factor. The grid's axes are the patient's, not the image's: an oblique acquisition (an
+   axial plane angled along the AC-PC line, a tilted sagittal) gives the input an upright
+   scan of the same head would, so W runs exactly from the patient's left to right. Working
+   in millimetres makes the result independent of the voxel size;
 4. intensities mapped so that the 1st percentile inside the mask becomes 0 and the median
    :data:`MEDIAN_LEVEL`, clipped to [0, 1], and zero outside the mask (scanner background noise
    carries no signal). The median, not the 99th percentile, sets the scale: a hyperintense
@@ -120,12 +123,16 @@ def require_orientation(image: nib.spatialimages.SpatialImage) -> None:
         )
 
 
-def _sample_positions(low: int, high: int, size: int) -> tuple[np.ndarray, float]:
-    """Voxel positions of ``size`` cell centres spanning [low, high] plus the margin, and the step."""
-    extent = (high - low + 1) * (1 + BOX_MARGIN)
-    step = extent / size
-    center = (low + high) / 2
-    return center + (np.arange(size) + 0.5 - size / 2) * step, step
+def _row_ends(mask: np.ndarray) -> np.ndarray:
+    """Voxel indices ``(N, 3)`` of the first and last true voxel of every row of ``mask`` along
+    its first axis: a linear function's extremes over the mask lie among them."""
+    rows = mask.any(axis=0)
+    first = np.argmax(mask, axis=0)
+    last = mask.shape[0] - 1 - np.argmax(mask[::-1], axis=0)
+    j, k = np.nonzero(rows)
+    return np.concatenate(
+        [np.stack([first[j, k], j, k], axis=1), np.stack([last[j, k], j, k], axis=1)]
+    ).astype(np.float64)
 
 
 def prepare(image: nib.spatialimages.SpatialImage, grid: Sequence[int] | HasInputGrid) -> torch.Tensor:
@@ -165,21 +172,29 @@ def _prepare(
     low_value, high_value = np.percentile(volume[mask], PERCENTILES)
     scale = max(float(high_value - low_value), 1e-6)
 
-    # RAS array axes (i: left->right, j: posterior->anterior, k: inferior->superior) get W, H, D cells.
-    nonzero = np.nonzero(mask)
-    positions, sigmas = [], []
+    # The patient's axes (R: left->right, A: posterior->anterior, S: inferior->superior) get W, H, D
+    # cells spanning the head's extent along each, in mm; a voxel reaches this far along each.
+    linear, translation = canonical.affine[:3, :3], canonical.affine[:3, 3]
+    head = _row_ends(mask) @ linear.T + translation
+    voxel_reach = np.abs(linear).sum(axis=1)
+    voxel_sizes = np.sqrt((linear**2).sum(axis=0))  # along the canonical array's axes
+    centres, sigmas = [], []
     for axis, size in enumerate((width, height, depth)):
-        axis_positions, step = _sample_positions(int(nonzero[axis].min()), int(nonzero[axis].max()), size)
-        positions.append(axis_positions)
-        sigmas.append(0.4 * step if step > 1 else 0.0)
-    coordinates = np.stack(np.meshgrid(*positions, indexing="ij"))
+        low, high = float(head[:, axis].min()), float(head[:, axis].max())
+        step = (high - low + voxel_reach[axis]) * (1 + BOX_MARGIN) / size
+        centres.append((low + high) / 2 + (np.arange(size) + 0.5 - size / 2) * step)
+        # The canonical array's axis ``axis`` is the one closest to this patient axis.
+        ratio = step / voxel_sizes[axis]
+        sigmas.append(0.4 * ratio if ratio > 1 else 0.0)
+    world = np.stack(np.meshgrid(*centres, indexing="ij"))
+    coordinates = np.einsum("ab,b...->a...", np.linalg.inv(linear), world - translation[:, None, None, None])
     # Only the region the cells sample, widened by the filter's reach, is smoothed: each sample
     # is then what smoothing the whole volume gives, where the region meets the volume's edge too.
     region, offsets = [], []
-    for axis, (axis_positions, sigma) in enumerate(zip(positions, sigmas, strict=True)):
+    for axis, sigma in enumerate(sigmas):
         reach = int(GAUSSIAN_TRUNCATE * sigma + 0.5) + 1
-        start = max(int(np.floor(axis_positions[0])) - reach, 0)
-        stop = min(int(np.ceil(axis_positions[-1])) + reach + 1, volume.shape[axis])
+        start = max(int(np.floor(coordinates[axis].min())) - reach, 0)
+        stop = min(int(np.ceil(coordinates[axis].max())) + reach + 1, volume.shape[axis])
         region.append(slice(start, stop))
         offsets.append(start)
     smoothed = ndimage.gaussian_filter(

@@ -16,9 +16,11 @@ fail.
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from dicom_node.conversion import series_to_nifti
 from dicom_node.series_writer import write_series
@@ -231,3 +233,37 @@ def test_pixels_placed_against_their_affine_are_refused(tmp_path, monkeypatch) -
     monkeypatch.setattr(conversion, "_frames_in_stack_order", lambda dataset: dataset)
     with pytest.raises(conversion.ConversionError, match="pixel_mismatch"):
         series_to_nifti(files, tmp_path / "work")
+
+
+NEAR_MIDLINE = {"right": np.array([14.0, -50.0, 10.0]), "left": np.array([-14.0, -50.0, 10.0])}
+
+
+def _near_midline_phantom(side: str) -> np.ndarray:
+    """The ellipsoid head, textured so that ``prepare`` finds and scales it as it does a brain,
+    with a blob 14 mm from the midline, far back: the lesion an oblique's tilted axes would
+    carry across the middle of the image."""
+    ijk = np.indices(SHAPE).reshape(3, -1).T
+    world = ijk * VOXEL_MM + AFFINE[:3, 3]
+    head = ((world / np.array([70.0, 85.0, 75.0])) ** 2).sum(axis=1) <= 1.0
+    blob = np.linalg.norm(world - NEAR_MIDLINE[side], axis=1) <= 9.0
+    texture = np.random.default_rng(3).normal(HEAD_VALUE, 60.0, len(world))
+    return np.where(blob, 1.7 * HEAD_VALUE, np.where(head, texture, 0.0)).reshape(SHAPE).astype(np.float32)
+
+
+@pytest.mark.parametrize("side", sorted(NEAR_MIDLINE))
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "coronal"])
+def test_an_oblique_acquisition_gives_the_model_the_upright_input(tmp_path, side, orientation) -> None:
+    """The model's W axis is the patient's left-right, not the image's: a 30-degree oblique of the
+    same head gives (up to resampling) the input an upright scan gives, the lesion on its side."""
+    from inference.preprocessing import prepare
+
+    volume = _near_midline_phantom(side)
+    grid = (32, 32, 32)
+    upright = prepare(nib.Nifti1Image(volume, AFFINE), grid)[0]
+    files = write_series(
+        tmp_path / "dicom", volume, AFFINE, seed=11, orientation=orientation, oblique_degrees=30.0
+    )
+    oblique = prepare(series_to_nifti(files, tmp_path / "work"), grid)[0]
+    assert torch.corrcoef(torch.stack([upright.flatten(), oblique.flatten()]))[0, 1] > 0.9
+    lesion = np.nonzero(oblique.numpy() > 0.9)
+    assert (lesion[2].mean() > grid[2] / 2) == (side == "right"), f"lesion at W {lesion[2].mean():.1f}"
