@@ -187,11 +187,18 @@ _TERMS: dict[str, str] = {
     "edema": r"o?edema(?:s|ta)?|oedematous|edematous|swelling",
     "necrosis": r"necros[ie]s|necrotic",
     "enhancement": r"enhanc\w*",
-    "ventricular_compression": r"compress\w*|efface\w*",
-    "midline_shift": r"midline\s+shift|shift\s+of\s+the\s+midline|subfalcine\s+herniation",
+    "ventricular_compression": r"compress\w*|effac\w*",
+    "midline_shift": (
+        r"midline\s+(?:structures?\s+)?(?:(?:is|are)\s+)?shift\w*|shift\s+of\s+the\s+midline"
+        r"|subfalcine\s+herniation"
+    ),
     "left": r"left(?:-sided)?",
     "right": r"right(?:-sided)?",
-    "bilateral": r"bilateral(?:ly)?|both\s+hemispheres|crossing\s+the\s+midline|crosses\s+the\s+midline",
+    # "both" only where it names sides or lobes, and only the word, so "both temporal lobes" keeps its lobe.
+    "bilateral": (
+        r"bilateral(?:ly)?|both(?=\s+(?:[a-z-]+\s+){0,2}(?:lobes|hemispheres|sides)\b)"
+        r"|crossing\s+the\s+midline|crosses\s+the\s+midline"
+    ),
     "frontal": r"frontal|fronto\w*|prefrontal",
     "parietal": r"parietal|parieto\w*",
     "temporal": r"temporal|temporo\w*",
@@ -206,13 +213,16 @@ _TERMS: dict[str, str] = {
 _COMPOUND = re.compile(r"\b(fronto|parieto|temporo|occipito)-?(frontal|parietal|temporal|occipital)\b")
 _TERM_RE = re.compile("|".join(f"(?P<{name}>\\b(?:{rx})\\b)" for name, rx in _TERMS.items()))
 _PRE_NEGATION = re.compile(
-    r"\b(?:no|not|without|absence\s+of|negative\s+for|free\s+of|neither|nor|never|rather\s+than)\b"
+    r"\b(?:no|not|without|absence\s+of|negative\s+for|free\s+of|neither|nor|never|rather\s+than|sparing)\b"
 )
 _NOT_SEEN = (
     r"(?:seen|identified|observed|present|noted|evident|detected|apparent|obvious|appreciated|visible"
     r"|significant|prominent)"
 )
-_POST_NEGATION = re.compile(rf"\b(?:is|are|was|were)\s+(?:not\s+{_NOT_SEEN}|absent)\b|\bnot\s+{_NOT_SEEN}\b")
+_POST_NEGATION = re.compile(
+    rf"\b(?:is|are|was|were)\s+(?:not\s+{_NOT_SEEN}|absent|unlikely)\b|\bnot\s+{_NOT_SEEN}\b"
+)
+_SIDE_NAMED = r"(?:left|right)\s+(?:cerebral\s+)?(?:hemisphere|side)"
 # Phrases that say where something other than the lesion is, or that a finding is absent, which
 # the term rules would misread; rewritten before the clauses are read (the rendered reports use
 # none of them).
@@ -220,8 +230,16 @@ _NOT_ASSERTING = [
     (re.compile(r"\bnon-?(?:enhanc\w*|necrotic|o?edematous)"), ""),  # "non-enhancing lesion": no claim
     (re.compile(r"\b(?:left|right)(?=\s+(?:lateral\s+)?ventricles?\b)"), ""),  # which ventricle
     (re.compile(r"\b(shift(?:ed|s|ing)?\s+(?:to(?:wards?)?|toward)\s+the\s+)(?:left|right)\b"), r"\1"),
-    (re.compile(r"\b(?:left|right)\s+hemisphere\s+(?:is|appears)\s+(?:unremarkable|normal)\b"), ""),
-    (re.compile(r"\b([a-z]+)\s*:\s*(?:absent|none)\b"), r"no \1"),  # "Necrosis: absent."
+    # The other side said to be normal: "the right cerebral hemisphere is unremarkable", "normal
+    # left hemisphere", "nothing on the right side".
+    (
+        re.compile(
+            rf"\b(?:{_SIDE_NAMED})\s+(?:(?:is|appears|looks)\s+)?(?:unremarkable|normal|clear)\b"
+            rf"|\b(?:normal|unremarkable)\s+(?:{_SIDE_NAMED})|\bnothing\s+(?:on|in)\s+the\s+(?:{_SIDE_NAMED})"
+        ),
+        "",
+    ),
+    (re.compile(r"\b([a-z]+)\s*:\s*(?:absent|none|no|not\s+seen)\b"), r"no \1"),  # "Necrosis: absent."
 ]
 # A phrase placing a negated finding at the lesion ("no edema around the left temporal lesion"):
 # it names a lesion the report takes as given, so its words are asserted, not negated. A definite
@@ -231,7 +249,14 @@ _NOT_IN_PLACE = rf"(?:{_PLACE}|or|and|to|no|not|nor|without|but|the|this|that|a|
 _AT_THE_LESION = re.compile(
     rf"\b{_PLACE}\s+(?:the|this|that)\s+(?:(?!{_NOT_IN_PLACE})[a-z-]+\s+){{0,4}}(?:{_LESION})\b"
 )
-_CLAUSE_SPLIT = re.compile(r"[.;:,!?()\n]|\b(?:but|however|while|whereas|with|and\s+there\s+is)\b")
+_CLAUSE_SPLIT = re.compile(r"[.;:!?()\n]|\b(?:but|however|while|whereas|and\s+there\s+is)\b")
+# Within a clause: commas and "with" end a negation too, except a comma in a negated list.
+_SEGMENT_SPLIT = re.compile(r"(,|\bwith\b)")
+_LIST_WORDS = frozenset({"or", "nor", "and", "any"})
+_SIZES = frozenset({"small", "medium", "large"})
+# "no edema and necrosis": the negation goes on past "and" when a finding follows at once, and
+# ends there otherwise ("no necrosis and marked edema").
+_AND = re.compile(r"\band\s+(?:(?:the|a|an|any|no)\s+)?")
 
 
 def _asserted_terms(text: str) -> set[str]:
@@ -243,23 +268,56 @@ def _asserted_terms(text: str) -> set[str]:
         text = pattern.sub(replacement, text)
     asserted: set[str] = set()
     for clause in _CLAUSE_SPLIT.split(text):
-        if not clause or not clause.strip():
-            continue
-        terms = list(_TERM_RE.finditer(clause))
-        scopes = [(cue.start(), len(clause)) for cue in _PRE_NEGATION.finditer(clause)]
-        post = _POST_NEGATION.search(clause)
-        if post:
-            scopes.append((0, post.start()))
-        places = [
-            phrase.span()
-            for phrase in _AT_THE_LESION.finditer(clause)
-            if any(start <= term.start() < phrase.start() < end for start, end in scopes for term in terms)
-        ]
-        for match in terms:
-            negated = any(start <= match.start() < end for start, end in scopes)
-            if not negated or any(start <= match.start() < end for start, end in places):
-                asserted.add(match.lastgroup or "")
+        parts = _SEGMENT_SPLIT.split(clause or "")
+        negated_list = False
+        for index in range(0, len(parts), 2):
+            segment = parts[index]
+            after_comma = index > 0 and parts[index - 1] == ","
+            if negated_list and after_comma and _is_list_item(segment):
+                continue  # "no edema, necrosis, or enhancement"
+            found, negated_list = _read_segment(segment)
+            asserted |= found
     return asserted
+
+
+def _is_list_item(segment: str) -> bool:
+    """Findings and list words only ("necrosis", "or enhancement")."""
+    rest = _TERM_RE.sub(" ", segment).split()
+    return _TERM_RE.search(segment) is not None and all(word in _LIST_WORDS for word in rest)
+
+
+def _read_segment(segment: str) -> tuple[set[str], bool]:
+    """The terms a segment asserts, and whether a negation runs on to its end."""
+    terms = list(_TERM_RE.finditer(segment))
+    post = _POST_NEGATION.search(segment)
+    scopes = [
+        (cue.start(), _negation_end(segment, cue.end()))
+        for cue in _PRE_NEGATION.finditer(segment)
+        if post is None or not post.start() <= cue.start() < post.end()  # "is not seen" looks back
+    ]
+    if post:
+        scopes.append((0, post.start()))
+    places = [
+        phrase.span()
+        for phrase in _AT_THE_LESION.finditer(segment)
+        if any(start <= term.start() < phrase.start() < end for start, end in scopes for term in terms)
+    ]
+    found = set()
+    for match in terms:
+        negated = any(start <= match.start() < end for start, end in scopes)
+        if not negated or any(start <= match.start() < end for start, end in places):
+            found.add(match.lastgroup or "")
+    return found, any(end == len(segment) for start, end in scopes if start < len(segment))
+
+
+def _negation_end(segment: str, start: int) -> int:
+    """Where a negation cue's scope ends: at an "and" that no finding follows at once, else at
+    the segment's end."""
+    for joint in _AND.finditer(segment, start):
+        following = _TERM_RE.match(segment, joint.end())
+        if following is None or following.lastgroup in _SIZES:
+            return joint.start()
+    return len(segment)
 
 
 def parse(text: str) -> Findings:

@@ -98,7 +98,9 @@ def test_default_render_is_deterministic() -> None:
         (
             "A mass in the right frontal lobe compresses the left lateral ventricle, with the "
             "midline shifted to the left. The left hemisphere is unremarkable.",
-            Findings(True, Side.RIGHT, frozenset({Lobe.FRONTAL}), ventricular_compression=True),
+            Findings(
+                True, Side.RIGHT, frozenset({Lobe.FRONTAL}), ventricular_compression=True, midline_shift=True
+            ),
         ),
         # A negation ends where the negated finding is placed at a lesion, which is asserted:
         (
@@ -120,6 +122,62 @@ def test_default_render_is_deterministic() -> None:
         ("No edema in the brain or abnormal enhancement.", NORMAL),
         ("No abnormal hyperintensity in the left frontal lobe to suggest a mass.", NORMAL),
         ("No midline shift of the brain from a mass.", NORMAL),
+        # Lists, "and", and a side said to be normal (session 20's review):
+        (
+            "Left frontal lesion. No edema, necrosis, or enhancement.",
+            Findings(True, Side.LEFT, frozenset({Lobe.FRONTAL})),
+        ),
+        (
+            "Right temporal mass with no necrosis and marked edema.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.TEMPORAL}), edema=True),
+        ),
+        (
+            "There is no necrosis and surrounding edema is present around the left parietal lesion.",
+            Findings(True, Side.LEFT, frozenset({Lobe.PARIETAL}), edema=True),
+        ),
+        (
+            "No edema and necrosis around the left frontal lesion.",
+            Findings(True, Side.LEFT, frozenset({Lobe.FRONTAL})),
+        ),
+        (
+            "Edema is not seen around the lesion in the right temporal lobe.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.TEMPORAL})),
+        ),
+        (
+            "A large mass is present. Necrosis is not identified in the left frontal tumor.",
+            Findings(True, Side.LEFT, frozenset({Lobe.FRONTAL}), size=Size.LARGE),
+        ),
+        (
+            "A right frontal mass effacing the ventricle.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.FRONTAL}), ventricular_compression=True),
+        ),
+        ("Lesions in both temporal lobes.", Findings(True, Side.BILATERAL, frozenset({Lobe.TEMPORAL}))),
+        (
+            "Left occipital lesion; right hemisphere unremarkable.",
+            Findings(True, Side.LEFT, frozenset({Lobe.OCCIPITAL})),
+        ),
+        (
+            "A left frontal mass. The right cerebral hemisphere is normal.",
+            Findings(True, Side.LEFT, frozenset({Lobe.FRONTAL})),
+        ),
+        (
+            "A left frontal mass. Normal right hemisphere.",
+            Findings(True, Side.LEFT, frozenset({Lobe.FRONTAL})),
+        ),
+        (
+            "A left frontal mass. Nothing on the right side.",
+            Findings(True, Side.LEFT, frozenset({Lobe.FRONTAL})),
+        ),
+        ("A left parietal lesion. Edema is unlikely.", Findings(True, Side.LEFT, frozenset({Lobe.PARIETAL}))),
+        ("A left parietal lesion. Necrosis: no.", Findings(True, Side.LEFT, frozenset({Lobe.PARIETAL}))),
+        (
+            "A right parietal lesion sparing the frontal lobe.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.PARIETAL})),
+        ),
+        (
+            "A right frontal mass. Midline structures are shifted to the left.",
+            Findings(True, Side.RIGHT, frozenset({Lobe.FRONTAL}), midline_shift=True),
+        ),
     ],
 )
 def test_parse_handles_plurals_negation_synonyms_and_order(text: str, expected: Findings) -> None:
