@@ -270,9 +270,16 @@ data_app = typer.Typer(
 @data_app.command("import")
 def import_data(
     out: Annotated[Path, typer.Option(help="manifest.jsonl to write")],
-    brats: Annotated[Path | None, typer.Option(help="BraTS 2020/2021/2023 folder")] = None,
-    reports: Annotated[Path | None, typer.Option(help="TextBraTS reports (<case>_flair_text.txt)")] = None,
-    healthy: Annotated[Path | None, typer.Option(help="folder of healthy FLAIR NIfTI files")] = None,
+    brats: Annotated[
+        Path | None, typer.Option(help="BraTS 2020/2021/2023 folder", exists=True, file_okay=False)
+    ] = None,
+    reports: Annotated[
+        Path | None,
+        typer.Option(help="TextBraTS reports (<case>_flair_text.txt)", exists=True, file_okay=False),
+    ] = None,
+    healthy: Annotated[
+        Path | None, typer.Option(help="folder of healthy FLAIR NIfTI files", exists=True, file_okay=False)
+    ] = None,
     seed: Annotated[int, typer.Option(help="split seed")] = 42,
 ) -> None:
     """Build a manifest (reports from TextBraTS or rendered from labels; splits by subject)."""

@@ -44,7 +44,7 @@ import nibabel as nib
 import numpy as np
 
 from inference.dataset import assign_splits, stratum, write_manifest
-from inference.preprocessing import foreground_mask
+from inference.preprocessing import foreground_mask, require_orientation
 from inference.report_schema import (
     NORMAL,
     NORMAL_SENTENCES,
@@ -89,6 +89,30 @@ def _refuse_mixed_2020(cases: list[str]) -> None:
         )
 
 
+def _volume(path: Path) -> nib.spatialimages.SpatialImage:
+    """``path`` as one oriented 3D image, from its header; anything else is refused naming the
+    file, at import rather than in training."""
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel's, gzip's and the OS's errors alike
+        raise ValueError(f"{path}: cannot be read as NIfTI: {error}") from None
+    return _oriented_3d(image, str(path))
+
+
+def _oriented_3d(image: nib.spatialimages.SpatialImage, name: str) -> nib.spatialimages.SpatialImage:
+    """One 3D volume (a trailing axis of one squeezed away, as ``prepare`` does) whose header
+    says where left is: a segmentation without one would give its lesion a guessed side."""
+    if len(image.shape) == 4 and image.shape[3] == 1:
+        image = nib.squeeze_image(image)
+    if len(image.shape) != 3:
+        raise ValueError(f"{name}: shape {image.shape} is not one 3D volume")
+    try:
+        require_orientation(image)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    return image
+
+
 def _seg_path(flair: Path, case: str) -> Path | None:
     for name in (f"{case}_seg.nii.gz", f"{case}_seg.nii", f"{case}-seg.nii.gz", f"{case}-seg.nii"):
         if (flair.parent / name).exists():
@@ -96,12 +120,22 @@ def _seg_path(flair: Path, case: str) -> Path | None:
     return None
 
 
+def _refuse_duplicates(flairs: list[tuple[Path, str]]) -> None:
+    """One case found twice (``.nii`` beside ``.nii.gz`` after a partial gunzip) would be counted,
+    and perhaps split, twice."""
+    seen: dict[str, Path] = {}
+    for path, case in flairs:
+        if case in seen:
+            raise ValueError(f"case {case} is found twice: {seen[case]} and {path}; keep one")
+        seen[case] = path
+
+
 def findings_from_segmentation(
     flair: nib.spatialimages.SpatialImage, seg: nib.spatialimages.SpatialImage, enhancing_label: int
 ) -> Findings:
     """Findings of a BraTS-style label map (see the module docstring for the rules)."""
-    flair = nib.as_closest_canonical(flair)
-    seg = nib.as_closest_canonical(seg)
+    flair = nib.as_closest_canonical(_oriented_3d(flair, "the FLAIR"))
+    seg = nib.as_closest_canonical(_oriented_3d(seg, "the segmentation"))
     labels = np.asarray(seg.dataobj).astype(np.int16)
     lesion = labels > 0
     if not lesion.any():
@@ -190,6 +224,9 @@ def import_brats(
         if (match := _FLAIR.match(path.name))
     )
     _refuse_mixed_2020([case for _, case in flairs])
+    _refuse_duplicates(flairs)
+    if reports_dir is not None and not reports:
+        logger.warning("no <case>_flair_text.txt under %s: every report is rendered from labels", reports_dir)
     unlabelled = []
     for flair_path, case in flairs:
         seg_path = _seg_path(flair_path, case)
@@ -198,7 +235,10 @@ def import_brats(
             report = reports[case].read_text().strip()
             findings, report_source = parse(report), "textbrats"
         elif seg_path is not None:
-            findings = findings_from_segmentation(nib.load(flair_path), nib.load(seg_path), enhancing)
+            try:
+                findings = findings_from_segmentation(_volume(flair_path), _volume(seg_path), enhancing)
+            except (ValueError, OSError, EOFError) as error:  # a file truncated in its data, too
+                raise ValueError(f"case {case}: {error}") from None
             report, report_source = render_report(findings), "rendered-from-seg"
         else:  # neither a report nor labels: nothing to learn or score against
             unlabelled.append(case)
@@ -224,6 +264,7 @@ def import_brats(
             ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""),
         )
     for path, case, subject in _healthy_flairs(healthy_dir):
+        _volume(path)
         entries.append(
             {
                 "id": case,

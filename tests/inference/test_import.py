@@ -151,6 +151,75 @@ def test_brats_2020_mixed_with_later_editions_is_refused(tmp_path: Path) -> None
     assert not (tmp_path / "manifest.jsonl").exists()
 
 
+def _without_orientation(path: Path) -> None:
+    image = nib.load(path)
+    bare = nib.Nifti1Image(np.asarray(image.dataobj), image.affine)
+    bare.set_sform(None, code=0)
+    bare.set_qform(None, code=0)
+    nib.save(bare, path)
+
+
+def _case_2021(root: Path, side_mm: float = -30) -> Path:
+    folder = root / "brats" / "BraTS2021_00001"
+    _case(folder, "BraTS2021_00001_flair.nii.gz", "BraTS2021_00001_seg.nii.gz", side_mm, 4)
+    return folder
+
+
+@pytest.mark.parametrize("side_mm", [-30.0, 30.0], ids=["left", "right"])
+def test_a_segmentation_that_states_no_orientation_is_refused_not_given_a_side(
+    tmp_path: Path, side_mm: float
+) -> None:
+    """nibabel would guess its left-right sense: the side written into the manifest could be the
+    wrong one (it was, for a left lesion stored as RAS)."""
+    folder = _case_2021(tmp_path, side_mm)
+    _without_orientation(folder / "BraTS2021_00001_seg.nii.gz")
+    result = _import("--brats", str(tmp_path / "brats"), "--out", str(tmp_path / "manifest.jsonl"))
+    assert result.exit_code == 2, result.output
+    assert "BraTS2021_00001_seg.nii.gz" in result.output and "states no orientation" in result.output
+    assert not (tmp_path / "manifest.jsonl").exists()
+
+
+def test_inputs_that_are_not_one_volume_are_refused_at_import_naming_the_file(tmp_path: Path) -> None:
+    folder = _case_2021(tmp_path)
+    flair = folder / "BraTS2021_00001_flair.nii.gz"
+    loaded = nib.load(flair)
+    image = nib.Nifti1Image(np.asarray(loaded.dataobj), loaded.affine)  # in memory: the file changes
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., None], image.affine), flair)
+    out = tmp_path / "manifest.jsonl"
+    assert _import("--brats", str(tmp_path / "brats"), "--out", str(out)).exit_code == 0, "one volume of 4D"
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(image.dataobj)] * 2, axis=-1), image.affine), flair)
+    result = _import("--brats", str(tmp_path / "brats"), "--out", str(out))
+    assert result.exit_code == 2 and "is not one 3D volume" in result.output and flair.name in result.output
+    flair.write_bytes(flair.read_bytes()[:200])  # truncated
+    result = _import("--brats", str(tmp_path / "brats"), "--out", str(out))
+    assert result.exit_code == 2 and "BraTS2021_00001" in result.output
+    controls = tmp_path / "healthy"
+    controls.mkdir()
+    nib.save(image, controls / "control.nii.gz")
+    _without_orientation(controls / "control.nii.gz")
+    result = _import("--healthy", str(controls), "--out", str(out))
+    assert (
+        result.exit_code == 2
+        and "control.nii.gz" in result.output
+        and "states no orientation" in result.output
+    )
+
+
+def test_a_case_found_twice_or_a_folder_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    folder = _case_2021(tmp_path)
+    (folder / "BraTS2021_00001_flair.nii").write_bytes(
+        nib.load(folder / "BraTS2021_00001_flair.nii.gz").to_bytes()
+    )  # a partial gunzip
+    out = tmp_path / "manifest.jsonl"
+    result = _import("--brats", str(tmp_path / "brats"), "--out", str(out))
+    assert result.exit_code == 2 and "case BraTS2021_00001 is found twice" in result.output
+    for option in ("--brats", "--healthy", "--reports"):
+        arguments = ["--brats", str(tmp_path / "brats")] if option != "--brats" else []
+        result = _import(*arguments, option, str(tmp_path / "mistyped"), "--out", str(out))
+        assert result.exit_code == 2 and "does not exist" in result.output, option
+    assert not out.exists()
+
+
 def test_patients_and_controls_share_one_loader(tmp_path: Path) -> None:
     """The same image filed as a BraTS patient and as a healthy control gives the same tensor."""
     _tree(tmp_path)
