@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, case, func, or_, select, update
 
 from dicom_node.audit import Action, EventID, Outcome
 from dicom_node.db import Database, Job, JobState, Series
@@ -53,6 +53,28 @@ def next_step(job: Job) -> Step:
         if getattr(job, _STEP_COLUMNS[step][1]) is None:
             return step
     return Step.DELIVER
+
+
+def lost_run_values(step: Step) -> dict[str, Any]:
+    """The UPDATE values that record a lost run of ``step`` (for the reconciler, which judges
+    it lost): its start mark cleared, so the step can begin again, and an attempt counted
+    where it had started."""
+    started = getattr(Job, _STEP_COLUMNS[step][0])
+    return {
+        _STEP_COLUMNS[step][0]: None,
+        "attempts": case((started.is_not(None), Job.attempts + 1), else_=Job.attempts),
+    }
+
+
+def _ready_for(job: Job, step: Step) -> bool:
+    """Whether the step before ``step`` is done (delivery: the SRs are built, which a series that
+    was not analysed reaches without inference)."""
+    if step is Step.CONVERT:
+        return True
+    if step is Step.DELIVER:
+        return job.sr_built_at is not None
+    previous = list(Step)[list(Step).index(step) - 1]
+    return getattr(job, _STEP_COLUMNS[previous][1]) is not None
 
 
 def analysed(job: Job) -> bool:
@@ -99,25 +121,29 @@ class JobBook:
         return True
 
     def begin(self, job_id: int, step: Step) -> Job | None:
-        """Mark ``step`` started; None when the job is final or the step already done.
+        """Mark ``step`` started; None when the job is final, the step already done or started
+        (another copy of the task runs it), or the step before it not done.
 
-        A step found started but not finished was interrupted (its worker died): that counts
-        as an attempt, and past ``max_attempts`` the job fails with that reason. Delivery's
-        scheduled retries are not interruptions; ``delivery.max_retries`` caps those.
+        A run that was lost (its worker died) keeps its start mark until the reconciler finds
+        its heartbeat stale and clears the mark, counting an attempt (:func:`lost_run_values`):
+        a duplicate message for a step still running is no interruption. Past ``max_attempts``
+        the job fails with that reason. Delivery's scheduled retries are not interruptions;
+        ``delivery.max_retries`` caps those.
         """
         started_column, finished_column = _STEP_COLUMNS[step]
         job = self.get(job_id)
         if job.state.is_final or getattr(job, finished_column) is not None:
             return None
-        values: dict[str, Any] = {"state": JobState.RUNNING, "heartbeat_at": utcnow()}
-        if getattr(job, started_column) is None:
-            values[started_column] = utcnow()
-            if step is Step.CONVERT:
-                values["attempts"] = max(job.attempts, 1)
-            as_read = getattr(Job, started_column).is_(None)
-        else:
-            values["attempts"] = Job.attempts + 1
-            as_read = Job.attempts == job.attempts
+        if getattr(job, started_column) is not None or not _ready_for(job, step):
+            logger.info("job %s: %s running elsewhere, or waiting for the step before", job_id, step.value)
+            return None
+        values: dict[str, Any] = {
+            "state": JobState.RUNNING,
+            "heartbeat_at": utcnow(),
+            started_column: utcnow(),
+        }
+        if step is Step.CONVERT:
+            values["attempts"] = max(job.attempts, 1)
         # Only if the job is still as read: of two copies of one task, one starts the step, and
         # a copy that read the job before another finished it never moves it back to running.
         with self.runtime.database.session() as session:
@@ -127,7 +153,7 @@ class JobBook:
                     Job.id == job_id,
                     Job.state.not_in(FINAL_JOB_STATES),
                     getattr(Job, finished_column).is_(None),
-                    as_read,
+                    getattr(Job, started_column).is_(None),
                 )
                 .values(**values)
             ).rowcount
@@ -140,11 +166,19 @@ class JobBook:
             return None
         return job
 
-    def complete(self, job_id: int, step: Step, **values: Any) -> None:
-        """Record ``step`` finished, with any result columns in ``values``."""
+    def complete(self, job_id: int, step: Step, **values: Any) -> bool:
+        """Record ``step`` finished, with any result columns in ``values``; False (nothing written)
+        when the job is no longer running: a result never lands on a job that has ended."""
         values[_STEP_COLUMNS[step][1]] = utcnow()
         with self.runtime.database.session() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow(), **values))
+            written = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                .values(heartbeat_at=utcnow(), **values)
+            ).rowcount
+        if not written:
+            logger.warning("job %s ended before its %s finished: result not recorded", job_id, step.value)
+        return bool(written)
 
     def finish(
         self, job_id: int, state: JobState, reason: str | None = None, completed: Step | None = None

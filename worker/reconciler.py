@@ -27,7 +27,7 @@ from dicom_node.audit import Outcome
 from dicom_node.db import Job, JobState
 from dicom_node.db.models import utcnow
 from worker.app import BUILD_REPORTS_TASK, DELIVER_TASK, INFER_TASK, RUN_JOB_TASK, TASK_QUEUES
-from worker.jobs import JobBook, Step, silent_since, stale_cutoff, stale_jobs, stale_since
+from worker.jobs import JobBook, Step, lost_run_values, silent_since, stale_cutoff, stale_jobs, stale_since
 from worker.runtime import Runtime
 
 logger = logging.getLogger("brain3d.reconciler")
@@ -82,11 +82,12 @@ def reconcile_once(
 
     A job is lost when SQL holds it stale (:func:`~worker.jobs.stale_jobs`), no message waits
     in its next task's queue, and ``held()`` (the jobs the calling worker holds, asked after
-    the broker, so that a message taken in between is seen) does not name it. A lost job still
-    converting goes back to ``queued`` and gets a new ``run_job``; one in a later stage gets
-    its heartbeat dated now and the tasks of that stage and the ones after it
-    (:func:`stages_from`). Each UPDATE re-checks staleness, so a job that just came alive is
-    left alone.
+    the broker, so that a message taken in between is seen) does not name it. The lost run of
+    its step loses its start mark and counts as an attempt (:func:`~worker.jobs.lost_run_values`),
+    so the step can begin again. A lost job still converting goes back to ``queued`` and gets a
+    new ``run_job``; one in a later stage gets its heartbeat dated now and the tasks of that
+    stage and the ones after it (:func:`stages_from`). Each UPDATE re-checks staleness, so a
+    job that just came alive is left alone.
     """
     book = JobBook(runtime)
     started = utcnow()
@@ -105,10 +106,10 @@ def reconcile_once(
             continue
         now = utcnow()
         if step is Step.CONVERT:
-            values = {"state": JobState.QUEUED, "queued_at": now}
+            values = {"state": JobState.QUEUED, "queued_at": now, **lost_run_values(step)}
             still_stale = stale_since(stale_before)
         else:
-            values = {"heartbeat_at": now}
+            values = {"heartbeat_at": now, **lost_run_values(step)}
             still_stale = silent_since(stale_before)
         with runtime.database.session() as session:
             if not session.execute(

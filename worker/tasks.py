@@ -90,7 +90,8 @@ def run_job(job_id: int) -> None:
         except Exception as error:
             _fail(book, job_id, Step.CONVERT, error)
             return
-        book.complete(job_id, Step.CONVERT, input_hash=sources.input_hash)
+        if not book.complete(job_id, Step.CONVERT, input_hash=sources.input_hash):
+            return
         book.event(job, "conversion", Outcome.SUCCESS, {"instances": len(sources.paths)})
     else:
         current = book.get(job_id)
@@ -118,8 +119,8 @@ def _not_analysed(book: JobBook, job_id: int, reason: str, sources: SourceInstan
     except Exception as error:
         _fail(book, job_id, Step.BUILD_REPORTS, error, context=f"not analysed ({reason}), and its SR: ")
         return
-    book.complete(job_id, Step.BUILD_REPORTS, error_reason=reason)  # the reason it will end with
-    deliver_reports.delay(job_id)
+    if book.complete(job_id, Step.BUILD_REPORTS, error_reason=reason):  # the reason it will end with
+        deliver_reports.delay(job_id)
 
 
 @shared_task(name=INFER_TASK)
@@ -137,13 +138,14 @@ def infer(job_id: int) -> None:
             text, timings = generate_report(loaded, load_volume(book.runtime, job_id))
     except Exception as error:
         raise JobFailedError(_fail(book, job_id, Step.INFER, error)) from None
-    book.complete(
+    if not book.complete(
         job_id,
         Step.INFER,
         report_text=text,
         findings_json=findings_to_json(parse(text)),
         model_version=loaded.identity.version,
-    )
+    ):
+        return
     book.event(job, "inference", Outcome.SUCCESS, {"model": loaded.identity.version, "timings": timings})
 
 
@@ -164,7 +166,8 @@ def build_reports(job_id: int) -> None:
         )
     except Exception as error:
         raise JobFailedError(_fail(book, job_id, Step.BUILD_REPORTS, error)) from None
-    book.complete(job_id, Step.BUILD_REPORTS)
+    if not book.complete(job_id, Step.BUILD_REPORTS):
+        return
     book.event(
         job, "reports-built", Outcome.SUCCESS, {"sop_instance_uids": [row.sop_instance_uid for row in rows]}
     )

@@ -82,6 +82,21 @@ def test_a_job_is_claimed_once(runtime):
     assert book.get(job_id).state == JobState.RUNNING
 
 
+def _lost(runtime: Runtime, job_id: int) -> None:
+    """The job's worker died: its heartbeat stopped longer than ``stale_after_s`` ago, and the
+    reconciler found it so and re-sent it."""
+    long_ago = utcnow() - timedelta(seconds=runtime.settings.worker.stale_after_s + 1)
+    with runtime.database.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=long_ago))
+    assert job_id in reconcile_once(runtime, create_app(runtime.settings))
+    with Connection(runtime.settings.queue.broker_url) as connection:  # a worker takes the message
+        for name in (CPU_QUEUE, GPU_QUEUE):
+            queue = connection.SimpleQueue(name)
+            while queue.qsize():
+                queue.get(timeout=2).ack()
+            queue.close()
+
+
 def test_an_interrupted_step_counts_as_an_attempt_and_the_job_fails_past_the_cap(runtime):
     job_id = _job(runtime)
     book = JobBook(runtime)
@@ -89,13 +104,40 @@ def test_an_interrupted_step_counts_as_an_attempt_and_the_job_fails_past_the_cap
     assert book.begin(job_id, Step.CONVERT) is not None
     book.complete(job_id, Step.CONVERT)
     assert book.begin(job_id, Step.INFER).attempts == 1
-    # The worker died in inference and the message came back: second start.
+    # The worker died in inference and the reconciler re-sent it: second start.
+    _lost(runtime, job_id)
     assert book.begin(job_id, Step.INFER).attempts == 2
     # Third start exceeds max_attempts=2: the job ends failed with the reason.
+    _lost(runtime, job_id)
     assert book.begin(job_id, Step.INFER) is None
     job = book.get(job_id)
     assert job.state == JobState.FAILED
     assert "infer interrupted 2 times" in job.error_reason
+
+
+def test_a_duplicate_of_a_step_still_running_elsewhere_neither_reruns_nor_fails_it(runtime):
+    """A second message for a step whose heartbeat is fresh: the running copy goes on. Before, each
+    duplicate ran the step again, and the third failed a healthy job as 'interrupted'."""
+    book, job_id = _at(runtime, Step.INFER)
+    assert book.begin(job_id, Step.INFER).attempts == 1
+    for _ in range(3):
+        assert book.begin(job_id, Step.INFER) is None
+    job = book.get(job_id)
+    assert (job.state, job.attempts, job.error_reason) == (JobState.RUNNING, 1, None)
+
+
+def test_a_step_waits_for_the_one_before_and_a_result_never_lands_on_an_ended_job(runtime):
+    """A skipped duplicate of inference returns and its chain goes on: building the SRs must not
+    start (there is no report yet), nor delivery before the SRs exist."""
+    book, job_id = _at(runtime, Step.INFER)
+    assert book.begin(job_id, Step.INFER) is not None
+    assert book.begin(job_id, Step.BUILD_REPORTS) is None
+    assert book.begin(job_id, Step.DELIVER) is None
+    assert book.get(job_id).state == JobState.RUNNING
+    book.finish(job_id, JobState.FAILED, "cancelled by an administrator")
+    assert book.complete(job_id, Step.INFER, report_text="late") is False
+    job = book.get(job_id)
+    assert job.report_text is None and job.inference_finished_at is None
 
 
 def _at(runtime: Runtime, step: Step) -> tuple[JobBook, int]:
@@ -113,7 +155,9 @@ def _at(runtime: Runtime, step: Step) -> tuple[JobBook, int]:
 def test_a_late_step_that_keeps_killing_its_worker_ends_the_job_failed(runtime, step):
     book, job_id = _at(runtime, step)
     assert book.begin(job_id, step).attempts == 1
-    assert book.begin(job_id, step).attempts == 2, "the redelivered step is a second attempt"
+    _lost(runtime, job_id)
+    assert book.begin(job_id, step).attempts == 2, "the re-sent step is a second attempt"
+    _lost(runtime, job_id)
     assert book.begin(job_id, step) is None
     job = book.get(job_id)
     assert job.state == JobState.FAILED and f"{step} interrupted 2 times" in job.error_reason
@@ -478,7 +522,8 @@ def test_a_retried_job_delivers_only_the_srs_of_its_current_outcome(runtime):
             )
     book = JobBook(runtime)
     assert [row.kind for row in reports_of(runtime, book.get(job_id))] == [NOT_ANALYSED_KIND]
-    book.complete(job_id, Step.INFER)
+    book.claim(job_id)
+    assert book.complete(job_id, Step.INFER)
     assert [row.kind for row in reports_of(runtime, book.get(job_id))] == [NARRATIVE_KIND, MEASUREMENT_KIND]
 
 
