@@ -39,7 +39,10 @@ _T1_FLAIR_WORDS = re.compile(r"t1[-_ ]?(w[-_ ]?)?flair", re.I)
 _LOCALIZER_WORDS = re.compile(r"locali[sz]er|scout|survey|\bloc\b|3[-_ ]?plane", re.I)
 _DIFFUSION_WORDS = re.compile(r"\bdwi\b|diff|trace|\badc\b|\bdti\b", re.I)
 # A classic header holds one TI, so double inversion recovery is told by its name (only excludes).
-_DIR_WORDS = re.compile(r"(?<![a-z])dir(?![a-z])|double[-_ ]?inv", re.I)
+_DIR_WORDS = re.compile(r"(?<![a-z])dir(?![a-z])|double[-_ ]?(?:inv|ir(?![a-z]))|dual[-_ ]?inv", re.I)
+# A series that names the spine is not read as a brain where BodyPartExamined is silent, whatever
+# its study is called ("MRI Brain and C-Spine") or its coil (a head/neck/spine array).
+_SPINE_WORDS = re.compile(r"spine|spinal|cervical|thoracic|lumbar|sacr|(?<![a-z])cord(?![a-z])|myelo", re.I)
 _DIFFUSION_SEQUENCE_NAME = re.compile(r"ep_b\d+|ep2d_diff|re_b\d+", re.I)
 _DERIVED_IMAGE_TYPES = frozenset(
     {
@@ -135,8 +138,14 @@ def _physics(ds: Dataset) -> _Physics:
     scanning = _values(ds.get("ScanningSequence"))
     options = _values(ds.get("ScanOptions"))
     inversion_recovery: bool | None = None
-    if scanning or options:
-        inversion_recovery = "IR" in scanning or any(o == "IR" or o.startswith("IR_") for o in options)
+    # GE names its FLAIR options (T2FLAIR_GEMS, T1FLAIR_GEMS); "RM" (research mode) alone says
+    # nothing about an inversion pulse, so a positive TI decides, as where nothing is coded.
+    if (scanning or options) and scanning != ["RM"]:
+        inversion_recovery = "IR" in scanning or any(
+            o == "IR" or o.startswith("IR_") or o.endswith("FLAIR_GEMS") for o in options
+        )
+    elif any(o.endswith("FLAIR_GEMS") for o in options):
+        inversion_recovery = True
     modifier = _functional_group(ds, "MRModifierSequence")
     if modifier is not None and modifier.get("InversionRecovery"):
         inversion_recovery = str(modifier.InversionRecovery).upper() == "YES"
@@ -193,11 +202,14 @@ def _is_head(ds: Dataset) -> tuple[bool, str]:
     body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     if body_part:
         return body_part in HEAD_BODY_PARTS, f"BodyPartExamined {body_part}"
+    if _SPINE_WORDS.search(_text(ds, "SeriesDescription", "ProtocolName")):
+        return False, "BodyPartExamined absent, and the series names the spine"
     coil = str(ds.get("ReceiveCoilName", "") or "")
     receive = _functional_group(ds, "MRReceiveCoilSequence")
     if receive is not None:
         coil += " " + str(receive.get("ReceiveCoilName", "") or "")
-    if re.search(r"head|brain|\bhe\d|hnc|neuro", coil, re.I):
+    spine_coil = re.search(r"\bsp\d|spine", coil, re.I)  # head/neck/spine elements: no evidence
+    if not spine_coil and re.search(r"head|brain|\bhe\d|hnc|neuro", coil, re.I):
         return True, f"BodyPartExamined absent, head coil {coil.strip()!r}"
     descriptions = _text(ds, "StudyDescription", "SeriesDescription", "ProtocolName")
     if _HEAD_WORDS.search(descriptions):

@@ -399,6 +399,82 @@ CASES: list[tuple[str, dict[str, Any], bool, str, str]] = [
         "double_inversion_recovery",
         "DIR",
     ),
+    *[
+        (
+            f"Classic double inversion recovery named {name!r}",
+            dict(
+                BodyPartExamined="BRAIN",
+                SeriesDescription=name,
+                ScanningSequence=["SE", "IR"],
+                MRAcquisitionType="3D",
+                RepetitionTime="7500",
+                EchoTime="300",
+                InversionTime="3000",
+            ),
+            False,
+            "double_inversion_recovery",
+            "DIR",
+        )
+        for name in ("Sag 3D Double IR", "t2_spc_DoubleIR_sag", "3D dual inversion")
+    ],
+    (
+        "GE 3D CUBE FLAIR in research mode (ScanningSequence RM), FLAIR named in its options",
+        dict(
+            Manufacturer="GE MEDICAL SYSTEMS",
+            BodyPartExamined="HEAD",
+            SeriesDescription="Sag CUBE T2 FLAIR",
+            ScanningSequence="RM",
+            ScanOptions=["FAST_GEMS", "EDR_GEMS", "T2FLAIR_GEMS"],
+            MRAcquisitionType="3D",
+            RepetitionTime="6000",
+            EchoTime="130",
+            InversionTime="1879",
+        ),
+        True,
+        "flair",
+        "FLAIR",
+    ),
+    (
+        "GE 2D T2 FLAIR coded SE with T2FLAIR_GEMS",
+        dict(
+            Manufacturer="GE MEDICAL SYSTEMS",
+            BodyPartExamined="BRAIN",
+            SeriesDescription="Ax T2 FLAIR",
+            ScanningSequence="SE",
+            ScanOptions=["FAST_GEMS", "T2FLAIR_GEMS", "FILTERED_GEMS"],
+            MRAcquisitionType="2D",
+            RepetitionTime="9000",
+            EchoTime="120",
+            InversionTime="2250",
+        ),
+        True,
+        "flair",
+        "FLAIR",
+    ),
+    (
+        "spine FLAIR without BodyPartExamined, head/neck/spine coil",
+        dict(
+            SIEMENS_2D_FLAIR,
+            BodyPartExamined=None,
+            SeriesDescription="t2_tirm_sag_dark-fluid",
+            ReceiveCoilName="HE1-4;NE1,2;SP1",
+        ),
+        False,
+        "not_head",
+        "UNKNOWN",
+    ),
+    (
+        "spine FLAIR without BodyPartExamined in a brain and spine study",
+        dict(
+            SIEMENS_2D_FLAIR,
+            BodyPartExamined=None,
+            SeriesDescription="Sag C-spine FLAIR",
+            StudyDescription="MRI Brain and C-Spine",
+        ),
+        False,
+        "not_head",
+        "UNKNOWN",
+    ),
     (
         "Classic double inversion recovery: one TI in the header, FLAIR-like physics, named",
         dict(
