@@ -11,7 +11,10 @@ builder). Two properties are tested:
 - the report: the side the text says, and the SR codes, is the true side.
 
 Negative control for both: the same DICOM with its pixels mirrored left-right and its headers
-unchanged gives the mirror, so the assertions can fail and the side comes from the image.
+unchanged gives the mirror, so the assertions can fail and the side comes from the image. For an
+oblique acquisition that pixel mirror is a reflection about the tilted image plane, which on the
+patient's axes (where ``prepare`` samples) is the patient's mirror turned by twice the tilt: there
+only the lesion's side is checked, not the whole image nor the model's reading.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ VARIANTS = {
     "feet-first-prone": {"orientation": "coronal", "patient_position": "FFP"},
 }
 SIDES = (Side.LEFT, Side.RIGHT)
+
+
+def _oblique(variant: str) -> bool:
+    return VARIANTS[variant].get("oblique_degrees", 0.0) > 0
 
 
 @pytest.fixture(scope="module")
@@ -140,19 +147,24 @@ def test_the_model_input_is_the_patient_not_its_mirror_in_every_geometry(side, v
     on_the_left = _lesion_centre_across(observed) < 0.5
     assert on_the_left == ((side is Side.LEFT) != mirror)
     assert (_lesion_centre_across(reference) < 0.5) == (side is Side.LEFT)
-    # It is the patient's image: an oblique acquisition stays tilted (15 degrees: correlation ~0.8).
-    expected = reference[..., ::-1] if mirror else reference
-    assert _correlation(observed, expected) > 0.75
+    # It is the patient's image, upright whatever the acquisition's tilt (an oblique's resampling
+    # leaves correlation about 0.89; before prepare sampled on the patient's axes, 15 degrees gave 0.8).
+    if not (mirror and _oblique(variant)):
+        expected = reference[..., ::-1] if mirror else reference
+        assert _correlation(observed, expected) > 0.85
 
 
 def test_the_demo_model_reports_the_true_side_in_every_geometry(model, tmp_path):
     """Text side = SR coded side = truth for left and right lesions in every geometry, and the
-    opposite side for mirrored pixels under unchanged headers."""
+    opposite side for mirrored pixels under unchanged headers (where that is the patient's mirror:
+    not for obliques, see the module docstring)."""
     wrong = []
+    readings = 0
     for side in SIDES:
         case = lateral_case(side)
         for variant, options in VARIANTS.items():
-            for mirror in (False, True):
+            for mirror in (False, True) if not _oblique(variant) else (False,):
+                readings += 1
                 folder = tmp_path / f"{side}-{variant}-{mirror}"
                 files = write_series(
                     folder / "dicom", case.volume, case.affine, preset=FLAIR_2D, seed=3, **options
@@ -164,4 +176,4 @@ def test_the_demo_model_reports_the_true_side_in_every_geometry(model, tmp_path)
                 assert text_side is coded_side, "the SR codes what the text says"
                 if text_side is not expected:
                     wrong.append(f"{side}/{variant}/{'mirrored' if mirror else 'as acquired'}: {text_side}")
-    assert not wrong, f"{len(wrong)} of {len(SIDES) * len(VARIANTS) * 2} readings on the wrong side: {wrong}"
+    assert not wrong, f"{len(wrong)} of {readings} readings on the wrong side: {wrong}"
