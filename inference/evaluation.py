@@ -68,6 +68,11 @@ def format_table(metrics: dict, title: str = "") -> str:
         ("paper laterality F1 [95% CI]", interval("laterality")),
         ("paper anatomy F1 [95% CI]", interval("anatomy")),
         ("laterality error (lesional)", f"{findings['laterality_error']:.3f}"),
+        *(
+            [("lesional references with no side (left out above)", str(unsided))]
+            if (unsided := findings.get("lesional_cases_without_side", 0))
+            else []
+        ),
         ("abnormal sensitivity", f"{findings['abnormal_sensitivity']:.3f}"),
         ("abnormal specificity", f"{findings['abnormal_specificity']:.3f}"),
         ("hallucination rate", f"{findings['hallucination_rate']:.3f}"),

@@ -130,7 +130,9 @@ def finding_metrics(references: Sequence[Findings], generated: Sequence[Findings
         )
         for name in names
     }
+    # A lesional reference whose side the parser found none of cannot be judged: counted apart.
     lesional = [(r, g) for r, g in zip(references, generated, strict=True) if r.abnormal and r.side]
+    unsided = sum(1 for r in references if r.abnormal and r.side is None)
     wrong_side = sum(1 for r, g in lesional if not g.abnormal or g.side != r.side)
     asserted = sum(len(items) for items in gen_items)
     hallucinated = sum(len(g - r) for r, g in zip(ref_items, gen_items, strict=True))
@@ -139,6 +141,7 @@ def finding_metrics(references: Sequence[Findings], generated: Sequence[Findings
         "per_finding": per_finding,
         "laterality_error": wrong_side / len(lesional) if lesional else float("nan"),
         "lesional_cases_with_side": len(lesional),
+        "lesional_cases_without_side": unsided,
         "abnormal_sensitivity": per_finding["abnormal"]["sensitivity"],
         "abnormal_specificity": per_finding["abnormal"]["specificity"],
         "hallucination_rate": hallucinated / asserted if asserted else 0.0,

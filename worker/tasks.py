@@ -108,14 +108,8 @@ def _not_analysed(book: JobBook, job_id: int, reason: str, sources: SourceInstan
         return
     job = book.get(job_id)
     try:
-        build_not_analysed(
-            runtime,
-            job,
-            sources,
-            runtime.model_identity,
-            reason,
-            content_time=utcnow(),
-        )
+        with book.heartbeat(job_id):
+            build_not_analysed(runtime, job, sources, runtime.model_identity, reason, content_time=utcnow())
     except Exception as error:
         _fail(book, job_id, Step.BUILD_REPORTS, error, context=f"not analysed ({reason}), and its SR: ")
         return
@@ -157,13 +151,14 @@ def build_reports(job_id: int) -> None:
     if job is None:
         return
     try:
-        rows = build_and_store(
-            book.runtime,
-            job,
-            converted_sources(book.runtime, job),
-            book.runtime.model_identity,
-            content_time=as_utc(job.inference_finished_at or utcnow()),
-        )
+        with book.heartbeat(job_id):  # two validators per SR: not to be taken for a lost worker
+            rows = build_and_store(
+                book.runtime,
+                job,
+                converted_sources(book.runtime, job),
+                book.runtime.model_identity,
+                content_time=as_utc(job.inference_finished_at or utcnow()),
+            )
     except Exception as error:
         raise JobFailedError(_fail(book, job_id, Step.BUILD_REPORTS, error)) from None
     if not book.complete(job_id, Step.BUILD_REPORTS):

@@ -78,6 +78,10 @@ def test_finding_metrics_hand_worked() -> None:
     labels, matrix = side_confusion(references, generated)
     assert matrix[labels.index("left"), labels.index("right")] == 1
     assert matrix[labels.index("normal"), labels.index("left")] == 1
+    assert (metrics["lesional_cases_with_side"], metrics["lesional_cases_without_side"]) == (2, 0)
+    unsided = finding_metrics([*references, Findings(True)], [*generated, left_frontal])
+    assert (unsided["lesional_cases_with_side"], unsided["lesional_cases_without_side"]) == (2, 1)
+    assert unsided["laterality_error"] == 0.5, "a reference with no side cannot be judged: counted apart"
 
 
 def test_evaluate_reports_reads_assertions_not_keywords() -> None:
