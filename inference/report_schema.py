@@ -253,7 +253,7 @@ _CLAUSE_SPLIT = re.compile(r"[.;:!?()\n]|\b(?:but|however|while|whereas|and\s+th
 # Within a clause: commas and "with" end a negation too, except a comma in a negated list.
 _SEGMENT_SPLIT = re.compile(r"(,|\bwith\b)")
 _LIST_WORDS = frozenset({"or", "nor", "and", "any"})
-_SIZES = frozenset({"small", "medium", "large"})
+_SIZES = frozenset(size.value for size in Size)  # the size terms' names
 # "no edema and necrosis": the negation goes on past "and" when a finding follows at once, and
 # ends there otherwise ("no necrosis and marked edema").
 _AND = re.compile(r"\band\s+(?:(?:the|a|an|any|no)\s+)?")

@@ -66,17 +66,6 @@ def lost_run_values(step: Step) -> dict[str, Any]:
     }
 
 
-def _ready_for(job: Job, step: Step) -> bool:
-    """Whether the step before ``step`` is done (delivery: the SRs are built, which a series that
-    was not analysed reaches without inference)."""
-    if step is Step.CONVERT:
-        return True
-    if step is Step.DELIVER:
-        return job.sr_built_at is not None
-    previous = list(Step)[list(Step).index(step) - 1]
-    return getattr(job, _STEP_COLUMNS[previous][1]) is not None
-
-
 def analysed(job: Job) -> bool:
     """Whether the model read this run of the job (a retry clears it); else only a not-analysed SR
     can be sent."""
@@ -134,7 +123,7 @@ class JobBook:
         job = self.get(job_id)
         if job.state.is_final or getattr(job, finished_column) is not None:
             return None
-        if getattr(job, started_column) is not None or not _ready_for(job, step):
+        if getattr(job, started_column) is not None or next_step(job) is not step:
             logger.info("job %s: %s running elsewhere, or waiting for the step before", job_id, step.value)
             return None
         values: dict[str, Any] = {
